@@ -1,0 +1,72 @@
+"""One exception hierarchy for everything the package rejects.
+
+The CLIs print ``str(error)`` as a single line and exit non-zero; the messages are written for that.
+"""
+
+
+class CodecLLMError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SourceError(CodecLLMError):
+    """The Hugging Face checkpoint given to the converter cannot be used."""
+
+
+class OutputExistsError(CodecLLMError):
+    """The output file exists and overwriting was not asked for."""
+
+
+class FormatError(CodecLLMError):
+    """A ``.cllm`` file breaks a rule of format_spec.md."""
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before the header or the data it declares."""
+
+
+class HeaderTooLargeError(FormatError):
+    """The declared header length is above the hard cap."""
+
+
+class HeaderDecodeError(FormatError):
+    """The header is not UTF-8, not JSON, or not a JSON object of the expected shape."""
+
+
+class NotCllmError(FormatError):
+    """A valid safetensors file that carries no CodecLLM document."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The CodecLLM document has a format version this reader does not know."""
+
+
+class OffsetError(FormatError):
+    """Tensor data offsets overlap, leave holes or run past the data buffer."""
+
+
+class ShapeError(FormatError):
+    """A shape is malformed, absurd, or disagrees with the byte count."""
+
+
+class UnknownSchemeError(FormatError):
+    """A record names a quantization scheme this reader does not know."""
+
+
+class UnknownCodecError(FormatError):
+    """A record names a codec this reader does not know."""
+
+
+class ChunkTableError(FormatError):
+    """A chunk table disagrees with the payload or the decoded size."""
+
+
+class ChecksumError(FormatError):
+    """Bytes read from the file do not match the checksum in the header."""
+
+
+class DecodeError(FormatError):
+    """A codec failed to decode a payload or produced the wrong number of bytes."""
+
+
+class DeviceError(CodecLLMError):
+    """The requested device or its libraries cannot be used."""
