@@ -260,6 +260,7 @@ def convert(
         )
         header = build_header(writer.entries, doc)
         final_fd, final_path = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.chmod(final_path, 0o666 & ~_umask())
         with os.fdopen(final_fd, "wb") as f, open(data_path, "rb") as data:
             f.write(header)
             shutil.copyfileobj(data, f, 16 * 1024 * 1024)
@@ -284,6 +285,12 @@ def _model_dtype(tensors: dict[str, Record]) -> str:
         if r.dtype in ("F16", "BF16", "F32", "F64"):
             counts[r.dtype] = counts.get(r.dtype, 0) + math.prod(r.shape)
     return max(counts, key=counts.get) if counts else "F32"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _publish(tmp: str, out: Path, force: bool) -> None:

@@ -188,11 +188,14 @@ def parse_safetensors_header(raw: bytes, data_len: int) -> tuple[dict[str, Entry
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise OffsetError(f"tensor {name!r}: data_offsets must be two integers")
         begin, end = offs
-        if not 0 <= begin <= end <= data_len:
-            raise OffsetError(f"tensor {name!r}: data_offsets [{begin}, {end}] outside the {data_len}-byte data buffer")
+        if not 0 <= begin <= end:
+            raise OffsetError(f"tensor {name!r}: data_offsets [{begin}, {end}] are not an ordered pair of offsets")
         if math.prod(shape) * DTYPES[e["dtype"]][1] != end - begin:
             raise ShapeError(f"tensor {name!r}: shape {list(shape)} of {e['dtype']} does not fill {end - begin} bytes")
         entries[name] = Entry(e["dtype"], shape, begin, end)
+    need = max((e.end for e in entries.values()), default=0)
+    if need > data_len:
+        raise TruncatedFileError(f"the tensors need {need} bytes of data, the file holds {data_len}: truncated?")
     pos = 0
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if e.begin != pos:
@@ -200,7 +203,7 @@ def parse_safetensors_header(raw: bytes, data_len: int) -> tuple[dict[str, Entry
             raise OffsetError(f"tensor {name!r}: data_offsets [{e.begin}, {e.end}] {kind}")
         pos = e.end
     if pos != data_len:
-        raise OffsetError(f"tensors cover {pos} bytes of a {data_len}-byte data buffer")
+        raise OffsetError(f"tensors cover {pos} bytes of a {data_len}-byte data buffer (trailing bytes)")
     return entries, metadata
 
 
