@@ -1,0 +1,186 @@
+import os
+import stat
+
+import pytest
+import torch
+
+import codecllm
+from codecllm.errors import CodecLLMError, DeviceError, OutputExistsError, SourceError
+from codecllm.format import CllmFile
+from codecllm.modules import Int8Embedding, Int8Linear, StreamLinear
+from conftest import llama_config, save_tiny
+
+
+def reference(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 250]])
+
+
+def test_none_reloads_bit_exact_weights(tiny_llama, tmp_path):
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama, out, quant="none")
+    ref = reference(tiny_llama, torch.float16)
+    model = codecllm.load(out, dtype=torch.float16)
+    ref_sd, sd = ref.state_dict(), model.state_dict()
+    for name, t in ref_sd.items():
+        assert torch.equal(sd[name].view(torch.uint8), t.view(torch.uint8)), name
+    assert torch.equal(logits(model, IDS), logits(ref, IDS))
+
+
+def test_int8_model_matches_original(tiny_llama, tmp_path):
+    out = tmp_path / "m.cllm"
+    summary = codecllm.convert(tiny_llama, out)
+    model = codecllm.load(out)
+    assert model.dtype == torch.float32  # fp16 weights compute in float32 on the CPU by default
+    q = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(q) == 3 * 7 + 1 - 2  # every Linear, lm_head too, less the two edge MLP outputs
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert not any(isinstance(p, torch.Tensor) and p.dtype == torch.float16 for p in model.parameters())
+    ref, got = logits(reference(tiny_llama), IDS), logits(model, IDS)
+    assert (got - ref).norm() / ref.norm() < 0.02
+    assert summary.to_json()["totals"]["tensors"] == len(CllmFile(out).doc.tensors)
+
+
+def test_quantize_all_and_skip(tiny_llama, tmp_path):
+    codecllm.convert(tiny_llama, tmp_path / "all.cllm", quantize_all=True, skip=["lm_head", "*.self_attn.q_proj"])
+    doc = CllmFile(tmp_path / "all.cllm").doc
+    assert doc.tensors["model.layers.0.mlp.down_proj.weight"].scheme == "int8"
+    assert doc.tensors["lm_head.weight"].scheme == "none"
+    assert {doc.tensors[f"model.layers.{i}.self_attn.q_proj.weight"].scheme for i in range(3)} == {"none"}
+    assert doc.tensors["model.layers.1.self_attn.k_proj.weight"].scheme == "int8"
+
+
+def test_stream_mode_equals_resident(tiny_llama, tmp_path):
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama, out, chunk_size=4096)
+    resident, stream = codecllm.load(out), codecllm.load(out, mode="stream")
+    s = stream.model.layers[1].mlp.up_proj
+    assert isinstance(s, StreamLinear) and (s.in_features, s.out_features, s.bias) == (64, 160, None)
+    assert s.payload.dtype == torch.uint8 and s.payload.numel() < 64 * 160
+    assert torch.equal(logits(resident, IDS), logits(stream, IDS))
+    g1 = resident.generate(IDS, max_new_tokens=5, do_sample=False)
+    g2 = stream.generate(IDS, max_new_tokens=5, do_sample=False)
+    assert torch.equal(g1, g2)
+
+
+def test_tied_weights_are_stored_once(tiny_llama_tied, tmp_path):
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama_tied, out)
+    f = CllmFile(out)
+    assert "lm_head.weight" not in f.doc.tensors and f.doc.aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    model = codecllm.load(out)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, Int8Embedding)
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    ref, got = logits(reference(tiny_llama_tied), IDS), logits(model, IDS)
+    assert (got - ref).norm() / ref.norm() < 0.02
+
+
+def test_sharded_checkpoint(tmp_path):
+    src = save_tiny(tmp_path / "sharded", llama_config(), shard_size="100KB")
+    assert (src / "model.safetensors.index.json").exists()
+    codecllm.convert(src, tmp_path / "m.cllm", quant="none")
+    ref, got = logits(reference(src), IDS), logits(codecllm.load(tmp_path / "m.cllm"), IDS)
+    assert torch.equal(got, ref)
+
+
+def test_bert_encoder_loads(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, architectures=["BertModel"])
+    src = save_tiny(tmp_path / "bert", cfg, dtype=torch.float32)
+    codecllm.convert(src, tmp_path / "bert.cllm")
+    model = codecllm.load(tmp_path / "bert.cllm")
+    assert type(model).__name__ == "BertModel"
+    assert any(isinstance(m, Int8Linear) and m.bias is not None for m in model.modules())
+    ids = torch.tensor([[2, 7, 9, 11]])
+    ref = BertModel.from_pretrained(src).eval()
+    with torch.no_grad():
+        a, b = ref(ids).last_hidden_state, model(ids).last_hidden_state
+    assert (a - b).norm() / a.norm() < 0.02
+
+
+def test_tokenizer_and_files_are_embedded(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    src = save_tiny(tmp_path / "src", llama_config())
+    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    codecllm.convert(src, tmp_path / "m.cllm")
+    f = CllmFile(tmp_path / "m.cllm")
+    assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= set(f.doc.files)
+    with safe_open(str(tmp_path / "m.cllm"), framework="pt") as st:
+        assert "model.layers.0.mlp.up_proj.weight" in st.keys()
+
+
+# --- the converter's promises about files a user owns ------------------------------------------------
+
+
+def test_existing_output_is_never_touched_without_force(tiny_llama, tmp_path):
+    out = tmp_path / "m.cllm"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--force"):
+        codecllm.convert(tiny_llama, out)
+    assert out.read_bytes() == b"precious"
+    codecllm.convert(tiny_llama, out, force=True)
+    assert out.read_bytes()[8:9] == b"{"
+    assert stat.S_IMODE(os.stat(out).st_mode) & 0o044  # readable like any other file, not mkstemp's 0600
+
+
+def test_failed_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "m.cllm"
+    out.parent.mkdir()
+    import codecllm.converter as conv
+
+    def boom(*a, **k):
+        raise CodecLLMError("disk full (simulated)")
+
+    monkeypatch.setattr(conv, "build_header", boom)
+    with pytest.raises(CodecLLMError, match="simulated"):
+        codecllm.convert(tiny_llama, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_pickle_only_checkpoint_is_refused_unread(tmp_path):
+    src = tmp_path / "pickle"
+    src.mkdir()
+    (src / "config.json").write_text(llama_config().to_json_string())
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled")
+    with pytest.raises(SourceError, match="never unpickled"):
+        codecllm.convert(src, tmp_path / "m.cllm")
+
+
+@pytest.mark.parametrize("problem", ["missing", "no-config", "bad-safetensors"])
+def test_bad_sources(tmp_path, problem):
+    src = tmp_path / "src"
+    if problem != "missing":
+        src.mkdir()
+    if problem == "bad-safetensors":
+        (src / "config.json").write_text(llama_config().to_json_string())
+        (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(SourceError):
+        codecllm.convert(src, tmp_path / "m.cllm")
+
+
+def test_bad_options(tiny_llama, tmp_path):
+    with pytest.raises(CodecLLMError, match="chunk size"):
+        codecllm.convert(tiny_llama, tmp_path / "m.cllm", chunk_size=10)
+    with pytest.raises(CodecLLMError, match="scheme"):
+        codecllm.convert(tiny_llama, tmp_path / "m.cllm", quant="int3")
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    with pytest.raises(CodecLLMError, match="mode"):
+        codecllm.load(tmp_path / "m.cllm", mode="lazy")
+    with pytest.raises(DeviceError):
+        codecllm.load(tmp_path / "m.cllm", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA"):
+            codecllm.load(tmp_path / "m.cllm", device="cuda")
