@@ -8,6 +8,7 @@ tensor, not the model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -91,7 +92,9 @@ class Summary:
 
 
 def _entropy_bytes(data: np.ndarray) -> float:
-    counts = np.bincount(data, minlength=256).astype(np.float64)
+    counts = np.zeros(256, dtype=np.float64)
+    for start in range(0, len(data), 1 << 22):  # bincount widens to int64: keep that copy small
+        counts += np.bincount(data[start:start + (1 << 22)], minlength=256)
     p = counts[counts > 0] / max(len(data), 1)
     return float(-(p * np.log2(p)).sum() * len(data) / 8)
 
@@ -124,12 +127,15 @@ def _encode_record(
     if codec.chunked and sum(sizes) >= raw.nbytes:  # incompressible: keep it as an ordinary tensor
         codec = get_codec("raw")
         pieces, sizes = [raw.tobytes()], [raw.nbytes]
-    stored = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+    stored_hash = hashlib.sha256()
+    for p in pieces:
+        stored_hash.update(p)
     enc_dtype = dtype_name(encoded.dtype)
     if codec.chunked:
-        writer.add(data_name, "U8", (len(stored),), [stored])
+        stored_bytes = writer.add(data_name, "U8", (sum(sizes),), pieces)
     else:
-        writer.add(data_name, enc_dtype, tuple(w.shape), [stored])
+        stored_bytes = writer.add(data_name, enc_dtype, tuple(w.shape), pieces)
+    del pieces
     rec = Record(
         name=name,
         dtype=dtype_name(w.dtype),
@@ -138,7 +144,7 @@ def _encode_record(
         codec=codec.id,
         data=data_name,
         encoded_dtype=enc_dtype,
-        sha256_stored=sha256(stored),
+        sha256_stored=stored_hash.hexdigest(),
         sha256_decoded=sha256(raw),
         chunk_size=chunk_size if codec.chunked else None,
         chunks=sizes if codec.chunked else [],
@@ -158,7 +164,7 @@ def _encode_record(
         chunks=len(sizes) if codec.chunked else 0,
         bytes_in=w.numel() * w.element_size(),
         bytes_encoded=raw.nbytes,
-        bytes_out=len(stored) + side_bytes,
+        bytes_out=stored_bytes + side_bytes,
         entropy_bytes=_entropy_bytes(raw),
     )
     return rec, summary
