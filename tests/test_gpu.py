@@ -1,0 +1,114 @@
+"""GPU tests (marker ``gpu``): skipped without CUDA; run on the H100 whenever GPU code changes."""
+
+import pytest
+import torch
+
+import codecllm
+from codecllm.errors import DecodeError, DeviceError
+from codecllm.format import CllmFile
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def sqnr_db(ref, approx):
+    ref, approx = ref.double(), approx.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 100, 2048])
+def test_fused_int8_matmul(dtype, m):
+    from codecllm.gpu.int8_matmul import int8_linear
+
+    n, k = 768, 1536
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    s = torch.rand(n, device=DEV) * 0.01
+    b = torch.randn(n, device=DEV).to(dtype)
+    y = int8_linear(x, q, s, b)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T + b.double()
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert sqnr_db(ref, y) > (60 if dtype == torch.float32 else 40)
+
+
+def test_ans_reencode_round_trip():
+    from codecllm.gpu import nvcomp
+
+    data = torch.randint(-30, 30, (300_000,), dtype=torch.int8, device=DEV)
+    comp, offsets, sizes = nvcomp.ans_encode(data, 65536)
+    out = torch.empty_like(data)
+    n = len(sizes)
+    out_sizes = [min(65536, data.numel() - i * 65536) for i in range(n)]
+    st = torch.empty(n, dtype=torch.int32, device=DEV)
+    act = torch.empty(n, dtype=torch.int64, device=DEV)
+    t = nvcomp.ChunkTable(nvcomp.ANS, comp, offsets, sizes, out.data_ptr(), out_sizes, 65536, st, act)
+    t.decode(torch.empty(max(t.temp_bytes, 1), dtype=torch.uint8, device=DEV))
+    assert torch.equal(out, data) and (st == 0).all() and act.tolist() == out_sizes
+    assert sum(sizes) < data.numel()
+
+
+def test_gpu_decode_equals_cpu_decode_for_every_tensor(smollm2_cllm):
+    from codecllm.gpu.loader import GpuDecoder
+
+    with CllmFile(smollm2_cllm) as f:
+        dec = GpuDecoder(f, torch.device(DEV))
+        for rec in [*f.doc.tensors.values(), *f.doc.files.values()]:
+            gpu = dec.decode(rec).cpu()
+            assert torch.equal(gpu.view(torch.uint8), f.decode(rec).view(torch.uint8)), rec.name
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_smollm2_quality_on_gpu(smollm2_cllm, smollm2_reference, eval_ids, mode):
+    from codecllm.quality import greedy, perplexity
+
+    ppl0, tokens0 = smollm2_reference
+    model = codecllm.load(smollm2_cllm, device=DEV, mode=mode)
+    assert model.dtype == torch.float16
+    ppl = perplexity(model, eval_ids)
+    assert ppl <= ppl0 * 1.005, f"{mode}: perplexity {ppl:.4f} vs fp16 {ppl0:.4f}"
+    assert greedy(model, codecllm.load_tokenizer(smollm2_cllm), "The capital of France is", 24) == tokens0
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_cuda_graph_replay_matches_eager(smollm2_cllm, mode):
+    model = codecllm.load(smollm2_cllm, device=DEV, mode=mode)
+    ids = torch.randint(0, 49152, (1, 16), device=DEV)
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                model(ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = model(ids, use_cache=False).logits
+        ids.copy_(torch.randint(0, 49152, (1, 16), device=DEV))
+        g.replay()
+        eager2 = model(ids, use_cache=False).logits
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager2)
+    assert not torch.equal(eager, eager2)
+
+
+def test_corrupt_gpu_payload_fails_generate(smollm2_cllm):
+    model = codecllm.load(smollm2_cllm, device=DEV, mode="stream", gpu_stream_codec="zstd")
+    layer = model.model.layers[3].mlp.up_proj
+    layer.payload[: layer.payload.numel() // 2].fill_(0x5A)  # garbage in place of zstd frames
+    tok = codecllm.load_tokenizer(smollm2_cllm)
+    with pytest.raises(DecodeError, match="nvCOMP"):
+        model.generate(**tok("Hello", return_tensors="pt").to(DEV), max_new_tokens=2)
+
+
+def test_missing_nvcomp_names_the_extra(monkeypatch):
+    from codecllm.gpu import nvcomp
+
+    nvcomp.library.cache_clear()
+    monkeypatch.setattr(nvcomp, "_find_library", lambda: "/nonexistent/libnvcomp.so.6")
+    try:
+        with pytest.raises(DeviceError, match=r"codecllm\[gpu\]"):
+            nvcomp.library()
+    finally:
+        nvcomp.library.cache_clear()
