@@ -18,9 +18,10 @@ import triton.language as tl
 def _configs() -> list[triton.Config]:
     cfgs = []
     # small M (decode): thin tiles over N so that the grid fills the GPU, long K steps
-    for bn in (16, 32, 64):
-        for bk in (128, 256, 512):
-            cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=4, num_stages=4))
+    for bn, bk, w, s in ((16, 128, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4),
+                         (32, 512, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 4), (128, 128, 8, 4),
+                         (32, 256, 2, 6), (16, 256, 2, 6)):
+        cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
@@ -38,7 +39,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _int8_mm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, M_BUCKET,
@@ -89,6 +90,19 @@ def _bucket(m: int) -> int:
     return 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
 
 
+# Launching through the autotuner and the JIT's argument binder costs tens of microseconds of host time
+# per call, more than an fp16 matmul's whole launch. After the first call for a given layout, the compiled
+# kernel chosen by the autotuner is launched directly. The key holds everything the kernel was
+# specialized on (dtypes, N, K, strides, 16-byte alignment of each pointer); M is not specialized.
+_compiled: dict[tuple, tuple] = {}
+
+
+def _layout_key(x2, qweight, scale, bias, y, bucket) -> tuple:
+    ptrs = (x2, qweight, scale, bias if bias is not None else scale, y)
+    return (x2.dtype, y.dtype, bias is not None, bucket, tuple(qweight.shape), x2.stride(), qweight.stride(), y.stride(),
+            tuple(t.data_ptr() % 16 == 0 for t in ptrs), x2.device.index)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., K] @ (qweight[N, K] * scale[N, None]).T + bias[N]`` in ``x``'s dtype."""
@@ -98,15 +112,27 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    bucket = _bucket(m)
+    b = bias if bias is not None else scale
+    args = [x2, qweight, scale, b, y, m, n, k, bucket,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
+            bias is not None, x.dtype == torch.float32]
+    if _INTERPRET:
+        grid = (triton.cdiv(m, _INTERPRET_CONFIG["BLOCK_M"]) * triton.cdiv(n, _INTERPRET_CONFIG["BLOCK_N"]),)
+        _int8_mm_kernel[grid](*args, **_INTERPRET_CONFIG)
+        return y.reshape(*x.shape[:-1], n)
+    key = _layout_key(x2, qweight, scale, bias, y, bucket)
+    hit = _compiled.get(key)
+    if hit is None:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    kernel, fixed = (_int8_mm_kernel, _INTERPRET_CONFIG) if _INTERPRET else (_tuned, {})
-    kernel[grid](
-        x2, qweight, scale, bias if bias is not None else scale, y,
-        m, n, k, _bucket(m),
-        x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **fixed,
-    )
+        _tuned[grid](*args[:15], HAS_BIAS=args[15], IEEE=args[16])
+        cfg = _tuned.best_config
+        kernel = _int8_mm_kernel.warmup(*args[:15], HAS_BIAS=args[15], IEEE=args[16], grid=grid, **cfg.all_kwargs())
+        consts = [cfg.kwargs[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")]
+        _compiled[key] = (kernel, consts)
+        return y.reshape(*x.shape[:-1], n)
+    kernel, consts = hit
+    kernel[(triton.cdiv(m, consts[0]) * triton.cdiv(n, consts[1]), 1, 1)](*args, *consts)
     return y.reshape(*x.shape[:-1], n)

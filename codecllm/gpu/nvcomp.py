@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,14 +43,22 @@ class _Props(ctypes.Structure):
 
 
 def _find_library() -> str:
-    spec = importlib.util.find_spec("nvidia.libnvcomp")
-    if spec is not None and spec.submodule_search_locations:
-        for base in spec.submodule_search_locations:
-            for sub in ("lib64", "lib", "bin"):
-                p = Path(base) / sub / SONAME
-                if p.is_file():
-                    return str(p)
-    return SONAME  # a system installation, if any
+    """The wheel's library (nvidia-libnvcomp-cu13), wherever on sys.path it was installed; else the
+    system's, if any."""
+    bases = []
+    try:
+        spec = importlib.util.find_spec("nvidia.libnvcomp")
+        if spec is not None and spec.submodule_search_locations:
+            bases += list(spec.submodule_search_locations)
+    except (ImportError, ValueError):
+        pass
+    bases += [str(Path(p) / "nvidia" / "libnvcomp") for p in sys.path if p]
+    for base in bases:
+        for sub in ("lib64", "lib", "bin"):
+            p = Path(base) / sub / SONAME
+            if p.is_file():
+                return str(p)
+    return SONAME
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,128 @@
+"""The fused int8 matmul against fp16 ``F.linear`` on TinyLlama's Linear shapes, and where the time of a
+CUDA-graph 16-token forward goes (with real Linear layers, with int8 ones, with Linear layers that do
+nothing). Prints tables; writes JSON to benchmarks/results/kernel.json.
+
+    python scripts/bench_kernel.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import TINYLLAMA  # noqa: E402
+
+from codecllm.gpu.int8_matmul import int8_linear  # noqa: E402
+from codecllm.modules import Int8Linear  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = "cuda"
+SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]
+
+
+def timed(fn, reps=30) -> float:
+    for _ in range(3):
+        fn(0)
+    ts = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def matmuls() -> list[dict]:
+    rows = []
+    for n, k in SHAPES:
+        copies = max(2, (256 << 20) // (n * k * 2))  # rotate weights so that L2 does not hold them
+        w16 = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(copies)]
+        q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV) for _ in range(copies)]
+        s = torch.rand(n, device=DEV) * 1e-3
+        for m in (1, 16, 256, 2048):
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            t16 = timed(lambda i: F.linear(x, w16[i % copies]))
+            t8 = timed(lambda i: int8_linear(x, q8[i % copies], s))
+            rows.append({"M": m, "N": n, "K": k, "fp16_us": t16 * 1e3, "int8_us": t8 * 1e3, "speedup": t16 / t8,
+                         "fp16_GBps": n * k * 2 / t16 / 1e6, "int8_GBps": n * k / t8 / 1e6})
+            print(f"M={m:<5} N={n:<6} K={k:<5} fp16 {t16 * 1e3:8.1f} us ({rows[-1]['fp16_GBps']:6.0f} GB/s)  "
+                  f"int8 {t8 * 1e3:8.1f} us ({rows[-1]['int8_GBps']:6.0f} GB/s)  {t16 / t8:.2f}x", flush=True)
+        del w16, q8
+    return rows
+
+
+class _Nothing(nn.Module):
+    def __init__(self, out_features):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_empty(*x.shape[:-1], self.out_features)
+
+
+def graph16(model) -> float:
+    ids = torch.randint(3, 32000, (1, 16), device=DEV)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                model(ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            model(ids, use_cache=False)
+    return timed(lambda i: g.replay(), reps=50)
+
+
+def swap(model, make):
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(mod, cname, make(child))
+
+
+def forward_breakdown() -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in TINYLLAMA.items() if k not in ("architectures", "model_type", "dtype")})
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    out = {"fp16_ms": graph16(model)}
+
+    def to_int8(lin):
+        w = lin.weight.float()
+        s = w.abs().amax(1) / 127
+        return Int8Linear(torch.round(w / s[:, None]).to(torch.int8), s, lin.bias)
+
+    swap(model, to_int8)
+    out["int8_ms"] = graph16(model)
+    swap(model, lambda lin: lin)  # no Linear left
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, Int8Linear):
+                setattr(mod, cname, _Nothing(child.out_features))
+    out["no_linear_ms"] = graph16(model)
+    print(f"graph16: fp16 {out['fp16_ms']:.3f} ms, int8 {out['int8_ms']:.3f} ms, without any Linear work {out['no_linear_ms']:.3f} ms")
+    return out
+
+
+def main():
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "matmuls": matmuls(), "forward16": forward_breakdown()}
+    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    dest = ROOT / "benchmarks" / "results" / "kernel.json"
+    dest.write_text(json.dumps(res, indent=2) + "\n")
+    print("wrote", dest)
+
+
+if __name__ == "__main__":
+    main()
