@@ -15,68 +15,30 @@ import triton
 import triton.language as tl
 
 
-def _gemm_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-                                 (128, 64, 64, 4, 4), (128, 256, 64, 8, 3))
-    ]
+def _configs() -> list[triton.Config]:
+    cfgs = []
+    # small M (decode steps): thin tiles over N, and K split so that even a 2048 x 2048 weight gives every
+    # SM several programs (the partial sums meet through atomic adds into a zeroed output)
+    for bn, bk, w, s, splits in ((16, 256, 4, 4, (1, 2, 4, 8)), (32, 256, 4, 4, (1, 2, 4)), (64, 128, 4, 4, (1, 2, 4)),
+                                 (64, 256, 8, 3, (1,)), (128, 128, 8, 4, (1,))):
+        for sk in splits:
+            cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": sk}, num_warps=w, num_stages=s))
+    # medium and large M (prefill, batches): GEMM tiles
+    for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                             (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s))
+    return cfgs
 
 
-def _skinny_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-        for bn, bk, st in ((64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 256, 3))
-        for sk in (1, 2, 4, 8)
-    ]
-
-
-def _prune_gemm(configs, named_args, **kwargs):
-    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
-    return small if named_args["M"] <= 64 else [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-
-
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _int8_skinny_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """M <= 16 (decode steps): computes y.T = W x.T so that the weight tile is the MMA's left operand in
-    its natural row-major layout and the few tokens are its narrow right operand; K is split across
-    programs so that a 2048 x 2048 weight still gives every SM work."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_blocks = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k0 = pid_k * k_blocks * BLOCK_K
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, 16)
-    rk = k0 + tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
-    x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    for kb in range(0, k_blocks):
-        k_left = K - k0 - kb * BLOCK_K
-        w = tl.load(w_ptrs, mask=(rn[:, None] < N) & (rk[None, :] - k0 < k_left), other=0)
-        xt = tl.load(x_ptrs, mask=(rm[None, :] < M) & (rk[:, None] - k0 < k_left), other=0.0)
-        if IEEE:
-            acc += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
-        else:
-            acc += tl.dot(w.to(xt.dtype), xt)
-        w_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
-    acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
-    y_mask = (rn[:, None] < N) & (rm[None, :] < M)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+def _prune(configs, named_args, **kwargs):
+    m = named_args["M"]
+    if m <= 16:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    elif m <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask, sem="relaxed")
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    return keep or configs
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -128,17 +90,13 @@ def _int8_mm_kernel(
         tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask, sem="relaxed")
 
 
-_tuned_gemm = triton.autotune(
-    configs=_gemm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_gemm}, reset_to_zero=["y_ptr"]
+_tuned = triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"]
 )(_int8_mm_kernel)
-_tuned_skinny = triton.autotune(configs=_skinny_configs(), key=["N", "K"], reset_to_zero=["y_ptr"])(_int8_skinny_kernel)
-_SKINNY_M = 16
-_GEMM_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
-_SKINNY_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
-# the interpreter has no benchmarking driver: it runs fixed configurations (split-K, to check that path)
+_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
+# the interpreter has no benchmarking driver: it runs one fixed configuration (split-K, to check that path)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 2}
-_INTERPRET_SKINNY = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 2}
 
 
 def _bucket(m: int) -> int:
@@ -153,20 +111,18 @@ _compiled: dict[tuple, "_Launcher"] = {}
 
 
 class _Launcher:
-    def __init__(self, kernel, skinny: bool, consts: list[int]):
-        self.kernel, self.skinny, self.consts = kernel, skinny, consts
+    def __init__(self, kernel, consts: list[int]):
+        self.kernel, self.consts = kernel, consts
         kernel._init_handles()
         self.run, self.function, self.meta = kernel.run, kernel.function, kernel.packed_metadata
         self.direct = True
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        if self.skinny:
-            return (triton.cdiv(n, self.consts[0]), self.consts[2], 1)
         return (triton.cdiv(m, self.consts[0]) * triton.cdiv(n, self.consts[1]), self.consts[4], 1)
 
     @property
     def split_k(self) -> int:
-        return self.consts[2] if self.skinny else self.consts[4]
+        return self.consts[4]
 
     def __call__(self, m: int, n: int, device_index: int, args: list) -> None:
         g = self.grid(m, n)
@@ -196,30 +152,24 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     bucket = _bucket(m)
-    skinny = m <= _SKINNY_M
     args = [x2, qweight, scale, bias if bias is not None else scale, y, m, n, k, bucket,
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
             bias is not None, x.dtype == torch.float32]
     if _INTERPRET:
-        kernel, c = (_int8_skinny_kernel, _INTERPRET_SKINNY) if skinny else (_int8_mm_kernel, _INTERPRET_GEMM)
-        grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]) if skinny else (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
+        c = _INTERPRET_CONFIG
         y.zero_()
-        kernel[grid](*args, **c)
+        _int8_mm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])](*args, **c)
         return y.reshape(*x.shape[:-1], n)
     key = _layout_key(x2, qweight, scale, bias, y, bucket)
     launch = _compiled.get(key)
     if launch is None:
-        tuned, kernel, names = (_tuned_skinny, _int8_skinny_kernel, _SKINNY_CONSTS) if skinny else (_tuned_gemm, _int8_mm_kernel, _GEMM_CONSTS)
-
         def grid(meta):
-            if skinny:
-                return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        tuned[grid](*args[:15], HAS_BIAS=args[15], IEEE=args[16])
-        cfg = tuned.best_config
-        compiled = kernel.warmup(*args[:15], HAS_BIAS=args[15], IEEE=args[16], grid=grid, **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(compiled, skinny, [cfg.kwargs[c] for c in names])
+        _tuned[grid](*args[:15], HAS_BIAS=args[15], IEEE=args[16])
+        cfg = _tuned.best_config
+        compiled = _int8_mm_kernel.warmup(*args[:15], HAS_BIAS=args[15], IEEE=args[16], grid=grid, **cfg.all_kwargs())
+        launch = _compiled[key] = _Launcher(compiled, [cfg.kwargs[c] for c in _CONSTS])
     if launch.split_k > 1:
         y.zero_()
     launch(m, n, x2.device.index, args)
