@@ -59,15 +59,28 @@ def test_gpu_decode_equals_cpu_decode_for_every_tensor(smollm2_cllm):
 
 
 @pytest.mark.parametrize("mode", ["resident", "stream"])
-def test_smollm2_quality_on_gpu(smollm2_cllm, smollm2_reference, eval_ids, mode):
-    from codecllm.quality import greedy, perplexity
+def test_smollm2_perplexity_on_gpu(smollm2_cllm, smollm2_reference, eval_ids, mode):
+    from codecllm.quality import perplexity
 
-    ppl0, tokens0 = smollm2_reference
+    ppl0, _ = smollm2_reference
     model = codecllm.load(smollm2_cllm, device=DEV, mode=mode)
     assert model.dtype == torch.float16
     ppl = perplexity(model, eval_ids)
     assert ppl <= ppl0 * 1.005, f"{mode}: perplexity {ppl:.4f} vs fp16 {ppl0:.4f}"
-    assert greedy(model, codecllm.load_tokenizer(smollm2_cllm), "The capital of France is", 24) == tokens0
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_smollm2_greedy_on_gpu(smollm2_cllm, smollm2_reference, mode):
+    """Measured on the H100 (2026-11-25): the first 19 tokens agree, the 20th differs. There the original
+    itself is at a near tie (' ' over '\\n\\n' by 0.22 logits in float32) and int8 noise of that size
+    tips it; float32 on the CPU keeps it (tests/test_smollm2.py). Left failing on purpose: see README."""
+    from codecllm.quality import greedy
+
+    _, tokens0 = smollm2_reference
+    model = codecllm.load(smollm2_cllm, device=DEV, mode=mode)
+    tokens = greedy(model, codecllm.load_tokenizer(smollm2_cllm), "The capital of France is", 24)
+    assert tokens[:19] == tokens0[:19]
+    assert tokens == tokens0
 
 
 @pytest.mark.parametrize("mode", ["resident", "stream"])
@@ -93,13 +106,30 @@ def test_cuda_graph_replay_matches_eager(smollm2_cllm, mode):
     assert not torch.equal(eager, eager2)
 
 
-def test_corrupt_gpu_payload_fails_generate(smollm2_cllm):
-    model = codecllm.load(smollm2_cllm, device=DEV, mode="stream", gpu_stream_codec="zstd")
+def test_failed_stream_decode_fails_generate(smollm2_cllm):
+    """A decode that nvCOMP reports as failed (here: an output buffer too small for its chunk, which
+    nvCOMP must detect) makes generate() raise instead of returning text from a wrong model."""
+    model = codecllm.load(smollm2_cllm, device=DEV, mode="stream")
     layer = model.model.layers[3].mlp.up_proj
-    layer.payload[: layer.payload.numel() // 2].fill_(0x5A)  # garbage in place of zstd frames
+    layer.table.out_sizes[0] = 1000
     tok = codecllm.load_tokenizer(smollm2_cllm)
     with pytest.raises(DecodeError, match="nvCOMP"):
         model.generate(**tok("Hello", return_tensors="pt").to(DEV), max_new_tokens=2)
+
+
+def test_corrupt_file_is_caught_on_the_host(smollm2_cllm, tmp_path):
+    """Corrupt compressed bytes never reach nvCOMP: the sha256 check on the host stops them."""
+    from codecllm.errors import ChecksumError
+
+    raw = bytearray(smollm2_cllm.read_bytes())
+    with CllmFile(smollm2_cllm) as f:
+        rec = f.doc.tensors["model.layers.3.mlp.up_proj.weight"]
+        pos = f.data_start + f.entries[rec.data].begin + 100
+    raw[pos] ^= 0xFF
+    bad = tmp_path / "bad.cllm"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="up_proj"):
+        codecllm.load(bad, device=DEV, mode="stream")
 
 
 def test_missing_nvcomp_names_the_extra(monkeypatch):

@@ -17,16 +17,15 @@ import triton.language as tl
 
 def _configs() -> list[triton.Config]:
     cfgs = []
-    # small M (decode steps): thin tiles over N, and K split so that even a 2048 x 2048 weight gives every
-    # SM several programs (the partial sums meet through atomic adds into a zeroed output)
-    for bn, bk, w, s, splits in ((16, 256, 4, 4, (1, 2, 4, 8)), (32, 256, 4, 4, (1, 2, 4)), (64, 128, 4, 4, (1, 2, 4)),
-                                 (64, 256, 8, 3, (1,)), (128, 128, 8, 4, (1,))):
-        for sk in splits:
-            cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": sk}, num_warps=w, num_stages=s))
+    # small M (decode steps): thin tiles over N, so that the grid covers the SMs, and long K steps.
+    # (Splitting K with atomic adds measured a little faster, but made results depend on the order of
+    # the adds: outputs must be the same from run to run, so K is not split.)
+    for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4)):
+        cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                              (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s))
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
     return cfgs
 
 
@@ -47,10 +46,9 @@ def _int8_mm_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * grid_n
@@ -59,18 +57,16 @@ def _int8_mm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    k_blocks = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k0 = pid_k * k_blocks * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = k0 + tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, k_blocks):
-        k_left = K - k0 - kb * BLOCK_K
-        x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] - k0 < k_left), other=0.0)
-        w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] - k0 < k_left), other=0)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < k_left), other=0)
         if IEEE:
             acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
         else:
@@ -80,23 +76,18 @@ def _int8_mm_kernel(
     scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
     acc = acc * scale[None, :]
     if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask, sem="relaxed")
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 _tuned = triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"]
+    configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}
 )(_int8_mm_kernel)
-_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
-# the interpreter has no benchmarking driver: it runs one fixed configuration (split-K, to check that path)
+_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+# the interpreter has no benchmarking driver: it runs one fixed configuration
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 2}
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def _bucket(m: int) -> int:
@@ -118,11 +109,7 @@ class _Launcher:
         self.direct = True
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (triton.cdiv(m, self.consts[0]) * triton.cdiv(n, self.consts[1]), self.consts[4], 1)
-
-    @property
-    def split_k(self) -> int:
-        return self.consts[4]
+        return (triton.cdiv(m, self.consts[0]) * triton.cdiv(n, self.consts[1]), 1, 1)
 
     def __call__(self, m: int, n: int, device_index: int, args: list) -> None:
         g = self.grid(m, n)
@@ -157,20 +144,17 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
             bias is not None, x.dtype == torch.float32]
     if _INTERPRET:
         c = _INTERPRET_CONFIG
-        y.zero_()
-        _int8_mm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])](*args, **c)
+        _int8_mm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **c)
         return y.reshape(*x.shape[:-1], n)
     key = _layout_key(x2, qweight, scale, bias, y, bucket)
     launch = _compiled.get(key)
     if launch is None:
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         _tuned[grid](*args[:15], HAS_BIAS=args[15], IEEE=args[16])
         cfg = _tuned.best_config
         compiled = _int8_mm_kernel.warmup(*args[:15], HAS_BIAS=args[15], IEEE=args[16], grid=grid, **cfg.all_kwargs())
         launch = _compiled[key] = _Launcher(compiled, [cfg.kwargs[c] for c in _CONSTS])
-    if launch.split_k > 1:
-        y.zero_()
     launch(m, n, x2.device.index, args)
     return y.reshape(*x.shape[:-1], n)
