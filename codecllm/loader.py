@@ -88,9 +88,12 @@ def load(
         names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
         for alias, target in doc.aliases.items():
             names_of[target].append(alias)
+        streamed = _streamed(model, doc, names_of) if mode == "stream" else set()
+        if decoder is not None:  # one allocation for every tensor decoded at load
+            decoder.reserve([r.encoded_nbytes for n, r in doc.tensors.items() if n not in streamed])
         state: dict[str, torch.Tensor] = {}
         for rec in doc.tensors.values():
-            _place(model, f, rec, names_of[rec.name], mode, dev, dtype, state, decoder)
+            _place(model, f, rec, names_of[rec.name], rec.name in streamed, dev, dtype, state, decoder)
         if "generation_config.json" in doc.files:
             from transformers import GenerationConfig
 
@@ -106,11 +109,24 @@ def load(
     return model
 
 
-def _place(model, f: CllmFile, rec: Record, names: list[str], mode: str, dev, dtype, state, decoder) -> None:
+def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:
+    """The records stream mode keeps compressed: Linear weights (not tied to an embedding) with a chunked
+    codec. A weight far larger than the typical one (an untied vocabulary projection) stays resident:
+    streaming it would need a workspace as large as itself, more than its compression saves."""
+    candidates = {}
+    for name, rec in doc.tensors.items():
+        mods = [_parent(model, n) for n in names_of[name]]
+        if rec.codec != "raw" and all(isinstance(m, nn.Linear) and a == "weight" for m, a in mods):
+            candidates[name] = rec.encoded_nbytes
+    ranked = sorted(candidates, key=candidates.get, reverse=True)
+    while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
+        ranked.pop(0)  # the workspace would be sized for this one weight alone
+    return set(ranked)
+
+
+def _place(model, f: CllmFile, rec: Record, names: list[str], stream: bool, dev, dtype, state, decoder) -> None:
     """Put one stored tensor (under each of its names) into the model."""
     modules = {n: _parent(model, n) for n in names}
-    only_linears = all(isinstance(m, nn.Linear) and a == "weight" for m, a in modules.values())
-    stream = mode == "stream" and only_linears and rec.codec != "raw"
     decode = decoder.decode if decoder is not None else f.decode
     if rec.scheme == "none" and not stream:
         t = decode(rec)

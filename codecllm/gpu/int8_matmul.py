@@ -20,7 +20,8 @@ def _configs() -> list[triton.Config]:
     # small M (decode steps): thin tiles over N, so that the grid covers the SMs, and long K steps.
     # (Splitting K with atomic adds measured a little faster, but made results depend on the order of
     # the adds: outputs must be the same from run to run, so K is not split.)
-    for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4)):
+    for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4),
+                         (16, 128, 2, 4), (16, 256, 2, 4), (32, 128, 2, 4), (32, 512, 4, 3), (64, 64, 4, 5)):
         cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),

@@ -25,6 +25,11 @@ from ..format import DTYPES, CllmFile, Record
 from . import nvcomp
 
 STREAM_CODECS = ("ans", "zstd")
+ALIGN = 256
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def _padded(data: np.ndarray, sizes: list[int], align: int) -> tuple[np.ndarray, list[int]]:
@@ -105,8 +110,23 @@ class GpuDecoder:
         self.f, self.dev, self.stream_codec = f, device, stream_codec
         self.zstd = nvcomp.algo(nvcomp.ZSTD)
         self._temp = torch.empty(0, dtype=torch.uint8, device=device)
+        self._arena = torch.empty(0, dtype=torch.uint8, device=device)
+        self._arena_pos = 0
         self.shared = _Shared()
         self.stream_layers: list[CudaStreamLinear] = []
+
+    def reserve(self, sizes: list[int]) -> None:
+        """One allocation for the tensors about to be decoded: the caching allocator rounds every large
+        allocation up, and many separate weights would waste tens of MB."""
+        self._arena = torch.empty(sum(_aligned(n) for n in sizes), dtype=torch.uint8, device=self.dev)
+        self._arena_pos = 0
+
+    def _take(self, nbytes: int) -> torch.Tensor:
+        if self._arena_pos + nbytes > self._arena.numel():
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.dev)
+        out = self._arena[self._arena_pos:self._arena_pos + nbytes]
+        self._arena_pos += _aligned(nbytes)
+        return out
 
     def _temp_for(self, nbytes: int) -> torch.Tensor:
         if self._temp.numel() < nbytes:
@@ -124,11 +144,13 @@ class GpuDecoder:
         """The encoded tensor of ``rec`` on the device (int8 for int8, the weight for none)."""
         dtype = DTYPES[rec.encoded_dtype][0]
         if rec.codec == "raw":
-            return torch.from_numpy(self.f.read_stored(rec)).to(self.dev).view(dtype).reshape(rec.shape)
+            out = self._take(rec.encoded_nbytes)
+            out.copy_(torch.from_numpy(self.f.read_stored(rec)))
+            return out.view(dtype).reshape(rec.shape)
         if rec.codec != "zstd":
             raise DeviceError(f"codec {rec.codec!r} has no GPU decoder")
         comp, offsets = self._upload(rec, self.zstd.input_align)
-        out = torch.empty(rec.encoded_nbytes, dtype=torch.uint8, device=self.dev)
+        out = self._take(rec.encoded_nbytes)
         n = len(rec.chunks)
         statuses = torch.empty(n, dtype=torch.int32, device=self.dev)
         actual = torch.empty(n, dtype=torch.int64, device=self.dev)
@@ -151,7 +173,13 @@ class GpuDecoder:
             comp, offsets = self._upload(rec, self.zstd.input_align)
             sizes, algo = rec.chunks, nvcomp.ZSTD
         else:
-            decoded = self.decode(rec)
+            comp_z, offsets_z = self._upload(rec, self.zstd.input_align)
+            decoded = torch.empty(rec.encoded_nbytes, dtype=torch.uint8, device=self.dev)
+            table = nvcomp.ChunkTable(nvcomp.ZSTD, comp_z, offsets_z, rec.chunks, decoded.data_ptr(), out_sizes, rec.chunk_size, statuses, actual)
+            table.decode(self._temp_for(table.temp_bytes))
+            if bool(((statuses != 0).any() | (actual != table.out_sizes).any()).item()):
+                raise DecodeError(f"{self.f.path}: nvCOMP could not decode {rec.name!r}")
+            del table, comp_z
             comp, offsets, sizes = nvcomp.ans_encode(decoded, rec.chunk_size)
             del decoded
             algo = nvcomp.ANS
@@ -165,8 +193,17 @@ class GpuDecoder:
         stream layer decodes correctly once, and make ``generate()`` check the statuses after each call."""
         layers = self.stream_layers
         self._temp = None
+        self._arena = None
         if not layers:
             return
+        # the compressed payloads, moved into one allocation (see ``reserve``)
+        packed = torch.empty(sum(_aligned(l.table.comp.numel()) for l in layers), dtype=torch.uint8, device=self.dev)
+        pos = 0
+        for l in layers:
+            n = l.table.comp.numel()
+            l.table.rebase(packed[pos:pos + n])
+            l.payload = l.table.comp
+            pos += _aligned(n)
         sh = self.shared
         sh.workspace = torch.empty(max(l.nbytes for l in layers), dtype=torch.uint8, device=self.dev)
         sh.temp = torch.empty(max(max(l.table.temp_bytes for l in layers), 1), dtype=torch.uint8, device=self.dev)

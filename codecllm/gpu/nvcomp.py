@@ -90,8 +90,8 @@ def library() -> ctypes.CDLL:
 def version() -> str:
     p = _Props()
     _check(library().nvcompGetProperties(ctypes.byref(p)), "nvcompGetProperties")
-    v = p.version
-    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v > 10000 else str(v)
+    v = p.version  # major * 1000 + minor * 100 + patch
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
 
 
 def _check(status: int, what: str) -> None:
@@ -152,6 +152,12 @@ class ChunkTable:
         self.temp_bytes = self.algo.decompress_temp_bytes(self.num_chunks, self.max_chunk, self.total) if self.num_chunks else 0
         self._fn = getattr(library(), f"nvcompBatched{algo_name}DecompressAsync")
         self._opts = _decompress_opts()
+
+    def rebase(self, comp: torch.Tensor) -> None:
+        """Move the compressed bytes to ``comp`` (same length) and point the table there."""
+        comp.copy_(self.comp)
+        self.comp_ptrs += comp.data_ptr() - self.comp.data_ptr()
+        self.comp = comp
 
     def retarget(self, out_ptr_base: int, out_stride: int) -> None:
         self.out_ptrs.copy_(torch.arange(self.num_chunks, dtype=torch.int64, device=self.out_ptrs.device) * out_stride + out_ptr_base)
