@@ -184,3 +184,13 @@ def test_bad_options(tiny_llama, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA"):
             codecllm.load(tmp_path / "m.cllm", device="cuda")
+
+
+def test_outsized_linear_stays_resident_in_stream_mode(tmp_path):
+    """An untied vocabulary projection far larger than every other Linear is not streamed: the shared
+    workspace would have to be as large as that one weight."""
+    src = save_tiny(tmp_path / "big-vocab", llama_config(vocab_size=4096))
+    codecllm.convert(src, tmp_path / "m.cllm")
+    model = codecllm.load(tmp_path / "m.cllm", mode="stream")
+    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, StreamLinear)

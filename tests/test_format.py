@@ -255,3 +255,14 @@ def test_all_errors_share_one_base():
         obj = getattr(errors, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, errors.CodecLLMError)
+
+
+def test_header_round_trip(tmp_path):
+    """write -> read: the document parsed back from a file equals the one written."""
+    from codecllm.format import parse_document
+
+    with CllmFile(DATA / "golden.cllm") as f:
+        doc = f.doc
+        again = parse_document(json.dumps(doc.to_json()), f.entries)
+    assert again == doc
+    assert again.to_json() == read_header(DATA / "golden.cllm")[1]

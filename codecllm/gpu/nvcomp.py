@@ -19,7 +19,14 @@ import torch
 from ..errors import DeviceError
 
 SONAME = "libnvcomp.so.6"
-GPU_EXTRA_HINT = "install the GPU extra: pip install 'codecllm[gpu]' (nvidia-libnvcomp-cu13 for CUDA 13 torch builds)"
+
+
+def extra_hint() -> str:
+    """Which extra brings nvCOMP for the CUDA major version this torch was built with."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    extra = "gpu" if major == "13" else f"gpu-cu{major}"
+    return f"install the GPU extra for CUDA {major}: pip install 'codecllm[{extra}]' (nvidia-libnvcomp-cu{major})"
+
 
 STATUS_NAMES = {
     0: "success", 10: "invalid value", 11: "not supported", 12: "cannot decompress", 13: "bad checksum",
@@ -66,7 +73,7 @@ def library() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(_find_library(), mode=ctypes.RTLD_LOCAL)
     except OSError:
-        raise DeviceError(f"nvCOMP ({SONAME}) was not found: {GPU_EXTRA_HINT}") from None
+        raise DeviceError(f"nvCOMP ({SONAME}) was not found: {extra_hint()}") from None
     vp, sz, i, st = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
     for algo in ("Zstd", "ANS"):
         f = getattr(lib, f"nvcompBatched{algo}DecompressGetTempSize")
