@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import TINYLLAMA, write_checkpoint  # noqa: E402
 
 import codecllm  # noqa: E402
+from codecllm.gpu.graphs import capture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda"
@@ -76,15 +77,7 @@ def measure(model, vocab: int, new_tokens: int, batch16_tokens: int) -> dict:
     out["a_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     # b) CUDA-graph replay of a 16-token forward without cache
     ids = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            model(ids, use_cache=False)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model(ids, use_cache=False)
+    g, _ = capture(lambda: model(ids, use_cache=False))
     out["b_graph_forward16_ms"] = events_ms(g.replay, reps=50, warmup=5)
     del g
     # c) prefill of 2048 tokens

@@ -19,6 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import TINYLLAMA  # noqa: E402
 
+from codecllm.gpu.graphs import capture  # noqa: E402
 from codecllm.gpu.int8_matmul import int8_linear  # noqa: E402
 from codecllm.modules import Int8Linear  # noqa: E402
 
@@ -75,15 +76,7 @@ class _Nothing(nn.Module):
 def graph16(model) -> float:
     ids = torch.randint(3, 32000, (1, 16), device=DEV)
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                model(ids, use_cache=False)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            model(ids, use_cache=False)
+        g, _ = capture(lambda: model(ids, use_cache=False))
     return timed(lambda i: g.replay(), reps=10, inner=10)
 
 

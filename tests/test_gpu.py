@@ -81,27 +81,47 @@ def test_smollm2_greedy_on_gpu(smollm2_cllm, smollm2_reference, mode):
     assert tokens == tokens0
 
 
+def check_graph_replay_matches_eager(model, vocab):
+    from codecllm.gpu.graphs import capture
+
+    ids = torch.randint(0, vocab, (1, 16), device=DEV)
+    with torch.no_grad():
+        first = model(ids, use_cache=False).logits.clone()
+        graph, out = capture(lambda: model(ids, use_cache=False).logits, warmup=2)
+        ids.copy_(torch.randint(0, vocab, (1, 16), device=DEV))
+        graph.replay()
+        eager = model(ids, use_cache=False).logits
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert not torch.equal(first, eager)
+
+
 @pytest.mark.parametrize("mode", ["resident", "stream"])
 def test_cuda_graph_replay_matches_eager(smollm2_cllm, mode):
-    model = codecllm.load(smollm2_cllm, device=DEV, mode=mode)
-    ids = torch.randint(0, 49152, (1, 16), device=DEV)
+    check_graph_replay_matches_eager(codecllm.load(smollm2_cllm, device=DEV, mode=mode), 49152)
+
+
+@pytest.mark.parametrize("codec", ["ans", "zstd"])
+def test_tiny_model_gpu_paths(tmp_path, codec):
+    """Without the real model: a small random Llama, every tensor decoded on the GPU equal to the CPU
+    decode, stream equal to resident, and a CUDA-graph replay equal to eager."""
+    from codecllm.gpu.loader import CudaStreamLinear, GpuDecoder
+    from conftest import llama_config, save_tiny
+
+    src = save_tiny(tmp_path / "tiny", llama_config(hidden_size=256, intermediate_size=704, vocab_size=1024))
+    codecllm.convert(src, tmp_path / "tiny.cllm", chunk_size=4096)
+    with CllmFile(tmp_path / "tiny.cllm") as f:
+        dec = GpuDecoder(f, torch.device(DEV))
+        assert {r.codec for r in f.doc.tensors.values()} == {"raw", "zstd"}
+        for rec in [*f.doc.tensors.values(), *f.doc.files.values()]:
+            assert torch.equal(dec.decode(rec).cpu().view(torch.uint8), f.decode(rec).view(torch.uint8)), rec.name
+    resident = codecllm.load(tmp_path / "tiny.cllm", device=DEV)
+    stream = codecllm.load(tmp_path / "tiny.cllm", device=DEV, mode="stream", gpu_stream_codec=codec)
+    assert any(isinstance(m, CudaStreamLinear) for m in stream.modules())
+    ids = torch.randint(0, 1024, (2, 9), device=DEV)
     with torch.no_grad():
-        eager = model(ids, use_cache=False).logits.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                model(ids, use_cache=False)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = model(ids, use_cache=False).logits
-        ids.copy_(torch.randint(0, 49152, (1, 16), device=DEV))
-        g.replay()
-        eager2 = model(ids, use_cache=False).logits
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager2)
-    assert not torch.equal(eager, eager2)
+        assert torch.equal(resident(ids).logits, stream(ids).logits)
+    check_graph_replay_matches_eager(stream, 1024)
 
 
 def test_failed_stream_decode_fails_generate(smollm2_cllm):

@@ -140,49 +140,45 @@ class GpuDecoder:
     def _out_sizes(self, rec: Record) -> list[int]:
         return [e - s for s, e in chunk_bounds(rec.encoded_nbytes, rec.chunk_size)]
 
-    def decode(self, rec: Record) -> torch.Tensor:
-        """The encoded tensor of ``rec`` on the device (int8 for int8, the weight for none)."""
-        dtype = DTYPES[rec.encoded_dtype][0]
-        if rec.codec == "raw":
-            out = self._take(rec.encoded_nbytes)
-            out.copy_(torch.from_numpy(self.f.read_stored(rec)))
-            return out.view(dtype).reshape(rec.shape)
-        if rec.codec != "zstd":
-            raise DeviceError(f"codec {rec.codec!r} has no GPU decoder")
+    def _zstd_decode_into(self, rec: Record, out: torch.Tensor) -> None:
+        """Decode ``rec``'s zstd chunks into the uint8 device buffer ``out`` and check every chunk's
+        status and size (one synchronization: load time only)."""
         comp, offsets = self._upload(rec, self.zstd.input_align)
-        out = self._take(rec.encoded_nbytes)
         n = len(rec.chunks)
         statuses = torch.empty(n, dtype=torch.int32, device=self.dev)
         actual = torch.empty(n, dtype=torch.int64, device=self.dev)
-        out_sizes = self._out_sizes(rec)
-        table = nvcomp.ChunkTable(nvcomp.ZSTD, comp, offsets, rec.chunks, out.data_ptr(), out_sizes, rec.chunk_size, statuses, actual)
+        table = nvcomp.ChunkTable(nvcomp.ZSTD, comp, offsets, rec.chunks, out.data_ptr(), self._out_sizes(rec), rec.chunk_size, statuses, actual)
         table.decode(self._temp_for(table.temp_bytes))
         if bool(((statuses != 0).any() | (actual != table.out_sizes).any()).item()):
             raise DecodeError(f"{self.f.path}: nvCOMP could not decode {rec.name!r} (statuses {sorted(set(statuses.tolist()))})")
-        return out.view(dtype).reshape(rec.shape)
+
+    def decode(self, rec: Record) -> torch.Tensor:
+        """The encoded tensor of ``rec`` on the device (int8 for int8, the weight for none)."""
+        out = self._take(rec.encoded_nbytes)
+        if rec.codec == "raw":
+            out.copy_(torch.from_numpy(self.f.read_stored(rec)))
+        elif rec.codec == "zstd":
+            self._zstd_decode_into(rec, out)
+        else:
+            raise DeviceError(f"codec {rec.codec!r} has no GPU decoder")
+        return out.view(DTYPES[rec.encoded_dtype][0]).reshape(rec.shape)
 
     def stream_linear(self, rec: Record, scale: torch.Tensor | None, bias) -> CudaStreamLinear:
         """A stream-mode Linear for ``rec``: its weight kept compressed in GPU memory."""
-        if rec.codec != "zstd":  # tiny or incompressible: nothing to stream, keep it as stored
-            raise DeviceError("raw records are not streamed")
-        out_sizes = self._out_sizes(rec)
-        n = len(out_sizes)
-        statuses = torch.empty(n, dtype=torch.int32, device=self.dev)
-        actual = torch.empty(n, dtype=torch.int64, device=self.dev)
+        if rec.codec != "zstd":
+            raise DeviceError(f"codec {rec.codec!r} is not streamed")
         if self.stream_codec == "zstd":
             comp, offsets = self._upload(rec, self.zstd.input_align)
             sizes, algo = rec.chunks, nvcomp.ZSTD
-        else:
-            comp_z, offsets_z = self._upload(rec, self.zstd.input_align)
+        else:  # decode once, re-encode to ANS in GPU memory
             decoded = torch.empty(rec.encoded_nbytes, dtype=torch.uint8, device=self.dev)
-            table = nvcomp.ChunkTable(nvcomp.ZSTD, comp_z, offsets_z, rec.chunks, decoded.data_ptr(), out_sizes, rec.chunk_size, statuses, actual)
-            table.decode(self._temp_for(table.temp_bytes))
-            if bool(((statuses != 0).any() | (actual != table.out_sizes).any()).item()):
-                raise DecodeError(f"{self.f.path}: nvCOMP could not decode {rec.name!r}")
-            del table, comp_z
+            self._zstd_decode_into(rec, decoded)
             comp, offsets, sizes = nvcomp.ans_encode(decoded, rec.chunk_size)
             del decoded
             algo = nvcomp.ANS
+        out_sizes = self._out_sizes(rec)
+        statuses = torch.empty(len(out_sizes), dtype=torch.int32, device=self.dev)
+        actual = torch.empty(len(out_sizes), dtype=torch.int64, device=self.dev)
         table = nvcomp.ChunkTable(algo, comp, offsets, sizes, 0, out_sizes, rec.chunk_size, statuses, actual)
         layer = CudaStreamLinear(table, rec, scale, bias, self.shared)
         self.stream_layers.append(layer)
