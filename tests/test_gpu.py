@@ -112,7 +112,7 @@ def test_tiny_model_gpu_paths(tmp_path, codec):
     codecllm.convert(src, tmp_path / "tiny.cllm", chunk_size=4096)
     with CllmFile(tmp_path / "tiny.cllm") as f:
         dec = GpuDecoder(f, torch.device(DEV))
-        assert {r.codec for r in f.doc.tensors.values()} == {"raw", "zstd"}
+        assert "zstd" in {r.codec for r in f.doc.tensors.values()}
         for rec in [*f.doc.tensors.values(), *f.doc.files.values()]:
             assert torch.equal(dec.decode(rec).cpu().view(torch.uint8), f.decode(rec).view(torch.uint8)), rec.name
     resident = codecllm.load(tmp_path / "tiny.cllm", device=DEV)
