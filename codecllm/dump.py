@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from .format import CllmFile, Record
+from .format import DTYPES, CllmFile, Record
 
 
 def _row(f: CllmFile, rec: Record) -> dict:
     stored = f.entries[rec.data].nbytes
     sides = sum(f.entries[s["tensor"]].nbytes for s in rec.sides.values())
-    original = rec.numel * _itemsize(rec.dtype)
+    original = rec.numel * DTYPES[rec.dtype][1]
     return {
         "name": rec.name,
         "shape": list(rec.shape),
@@ -23,12 +23,6 @@ def _row(f: CllmFile, rec: Record) -> dict:
         "bytes_stored": stored + sides,
         "ratio": original / max(stored + sides, 1),
     }
-
-
-def _itemsize(dtype: str) -> int:
-    from .format import DTYPES
-
-    return DTYPES[dtype][1]
 
 
 def describe(path: str | os.PathLike, verify: bool = False, tensors: bool = True) -> dict:
