@@ -81,8 +81,6 @@ class ModelPlan:
         group = self.tied.get(name, (name,))
         if not quantize_sensitive and any(n in self.sensitive for n in group):
             return False
-        if not any(n in self.linear_weights for n in group):
-            return False
         if not all(n in self.linear_weights or n in self.embedding_weights for n in group):
             return False
         modules = [self.linear_weights.get(n) or self.embedding_weights[n] for n in group]

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint -> ``.cllm``, one tensor at a time.
 
-Each tensor is read, quantized (int8 per output channel for Linear weights unless skipped), cut into
+Each tensor is read, quantized (int8 per output channel for Linear and Embedding weights unless skipped), cut into
 chunks, entropy-coded in parallel threads and appended to a temporary data file; the header goes in
 front at the end and the finished file is moved into place atomically. Peak memory follows the largest
 tensor, not the model.

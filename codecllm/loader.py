@@ -111,8 +111,10 @@ def load(
 
 def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:
     """The records stream mode keeps compressed: Linear weights (not tied to an embedding) with a chunked
-    codec. A weight far larger than the typical one (an untied vocabulary projection) stays resident:
-    streaming it would need a workspace as large as itself, more than its compression saves."""
+    codec. The decode workspaces are as large as the largest streamed weight, so two kinds stay resident:
+    a weight far larger than the typical one (an untied vocabulary projection), and, in a quantized
+    model, an unquantized weight larger than every quantized one (an fp16 layer kept for accuracy): either
+    would grow the workspaces by more than its compression saves."""
     candidates = {}
     for name, rec in doc.tensors.items():
         mods = [_parent(model, n) for n in names_of[name]]
@@ -121,6 +123,9 @@ def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
         ranked.pop(0)  # the workspace would be sized for this one weight alone
+    quantized = [candidates[n] for n in ranked if doc.tensors[n].scheme != "none"]
+    if quantized:
+        ranked = [n for n in ranked if candidates[n] <= max(quantized)]
     return set(ranked)
 
 

@@ -40,7 +40,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = bias
 
+    runner = None  # on CUDA, ``codecllm.gpu.fusion`` may run this layer together with its siblings
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runner is not None:
+            return self.runner(self, x)
+        return self.plain(x)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.scale, self.bias)
 
     def extra_repr(self) -> str:

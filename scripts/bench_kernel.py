@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import decode_step_ms, events_ms  # noqa: E402
 from synthetic import TINYLLAMA  # noqa: E402
 
 from codecllm.gpu.graphs import capture  # noqa: E402
@@ -29,20 +30,21 @@ SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]
 
 
 def timed(fn, reps=10, inner=20) -> float:
-    """Median ms per call of ``fn(i)``, ``inner`` calls back to back between two events, so that launch
-    latency overlaps with the previous call's work as it does inside a model."""
-    for i in range(inner):
+    """Median ms per call of ``fn(i)``: ``inner`` calls captured back to back in a CUDA graph and
+    replayed, so that host launch cost is out of the figure, as inside a captured model forward."""
+    for i in range(inner):  # compile and autotune outside the capture
         fn(i)
+    torch.cuda.synchronize()
+    g, _ = capture(lambda: [fn(i) for i in range(inner)], warmup=1)
     ts = []
-    for _ in range(reps):
+    for _ in range(reps + 2):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for i in range(inner):
-            fn(i)
+        g.replay()
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
+    return statistics.median(ts[2:])
 
 
 def matmuls() -> list[dict]:
@@ -54,8 +56,9 @@ def matmuls() -> list[dict]:
         s = torch.rand(n, device=DEV) * 1e-3
         for m in (1, 16, 256, 2048):
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-            t16 = timed(lambda i: F.linear(x, w16[i % copies]))
-            t8 = timed(lambda i: int8_linear(x, q8[i % copies], s))
+            inner = min(copies, 64)
+            t16 = timed(lambda i: F.linear(x, w16[i % copies]), inner=inner)
+            t8 = timed(lambda i: int8_linear(x, q8[i % copies], s), inner=inner)
             rows.append({"M": m, "N": n, "K": k, "fp16_us": t16 * 1e3, "int8_us": t8 * 1e3, "speedup": t16 / t8,
                          "fp16_GBps": n * k * 2 / t16 / 1e6, "int8_GBps": n * k / t8 / 1e6})
             print(f"M={m:<5} N={n:<6} K={k:<5} fp16 {t16 * 1e3:8.1f} us ({rows[-1]['fp16_GBps']:6.0f} GB/s)  "
@@ -77,7 +80,12 @@ def graph16(model) -> float:
     ids = torch.randint(3, 32000, (1, 16), device=DEV)
     with torch.no_grad():
         g, _ = capture(lambda: model(ids, use_cache=False))
-    return timed(lambda i: g.replay(), reps=10, inner=10)
+    return events_ms(g.replay, reps=30, warmup=5)
+
+
+def step(model) -> float:
+    with torch.no_grad():
+        return decode_step_ms(model, 32000, torch.Generator(device=DEV).manual_seed(0))
 
 
 def swap(model, make):
@@ -93,7 +101,7 @@ def forward_breakdown() -> dict:
     cfg = LlamaConfig(**{k: v for k, v in TINYLLAMA.items() if k not in ("architectures", "model_type", "dtype")})
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(torch.float16).eval()
-    out = {"fp16_ms": graph16(model)}
+    out = {"fp16_ms": graph16(model), "fp16_step_ms": step(model)}
 
     def to_int8(lin):
         w = lin.weight.float()
@@ -102,13 +110,16 @@ def forward_breakdown() -> dict:
 
     swap(model, to_int8)
     out["int8_ms"] = graph16(model)
+    out["int8_step_ms"] = step(model)
     swap(model, lambda lin: lin)  # no Linear left
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, Int8Linear):
                 setattr(mod, cname, _Nothing(child.out_features))
     out["no_linear_ms"] = graph16(model)
+    out["no_linear_step_ms"] = step(model)
     print(f"graph16: fp16 {out['fp16_ms']:.3f} ms, int8 {out['int8_ms']:.3f} ms, without any Linear work {out['no_linear_ms']:.3f} ms")
+    print(f"decode step: fp16 {out['fp16_step_ms']:.3f} ms, int8 {out['int8_step_ms']:.3f} ms, without any Linear work {out['no_linear_step_ms']:.3f} ms")
     return out
 
 

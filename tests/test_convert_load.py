@@ -3,6 +3,7 @@ import stat
 
 import pytest
 import torch
+from torch import nn
 
 import codecllm
 from codecllm.errors import CodecLLMError, DeviceError, OutputExistsError, SourceError
@@ -194,3 +195,14 @@ def test_outsized_linear_stays_resident_in_stream_mode(tmp_path):
     model = codecllm.load(tmp_path / "m.cllm", mode="stream")
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(model.model.layers[1].mlp.up_proj, StreamLinear)
+
+
+def test_unquantized_linear_larger_than_quantized_ones_stays_resident_in_stream_mode(tiny_llama, tmp_path):
+    """The fp16 MLP output projections of the edge blocks are twice the size of any int8 weight: streaming
+    them would double the decode workspaces for almost no compression."""
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    model = codecllm.load(tmp_path / "m.cllm", mode="stream")
+    layers = model.model.layers
+    assert type(layers[0].mlp.down_proj) is nn.Linear and type(layers[-1].mlp.down_proj) is nn.Linear
+    assert isinstance(layers[1].mlp.down_proj, StreamLinear)
+    assert isinstance(model.model.embed_tokens, Int8Embedding)  # untied embeddings are int8 too

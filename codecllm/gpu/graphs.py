@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 
 
+@lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """One warm-up stream per device, reused (work keyed by stream, like split-K scratch, is not
+    set up again for every capture)."""
+    return torch.cuda.Stream(device_index)
+
+
 def capture(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run ``fn`` ``warmup`` times on a side stream (kernels compile and autotune there), then capture
     one call. Returns the graph and the captured call's output, which each ``replay()`` overwrites."""
-    side = torch.cuda.Stream()
+    side = _side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):

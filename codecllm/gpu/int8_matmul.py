@@ -3,6 +3,13 @@ dequantized weight. Each program loads int8 tiles of ``q``, widens them to the a
 registers (exact: |q| <= 127) and accumulates in float32; the per-output-channel scale is applied once to
 the accumulator. At small batch the kernel reads half the bytes an fp16 matmul reads.
 
+At small M (decode steps) an [M, N] output has too few tiles to keep every SM reading, so K may be split
+over ``SPLIT_K`` programs per tile. Their float32 partials are added up deterministically: each program
+writes its partial to a scratch buffer and bumps the tile's counter; the program that finds it is last
+adds the partials in split order, writes the tile and resets the counter. The result therefore never
+depends on which program finished first (atomic adds into the output would), and it is the same in eager
+runs and CUDA-graph replays.
+
 Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic).
 """
 
@@ -14,40 +21,56 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_SPLIT_K = 8
+SPLIT_MAX_N = 8192  # wider outputs have tiles enough: K is not split for them
+SMALL_M = 16
+
 
 def _configs() -> list[triton.Config]:
     cfgs = []
-    # small M (decode steps): thin tiles over N, so that the grid covers the SMs, and long K steps.
-    # (Splitting K with atomic adds measured a little faster, but made results depend on the order of
-    # the adds: outputs must be the same from run to run, so K is not split.)
-    for bn, bk, w, s in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 4),
-                         (16, 128, 2, 4), (16, 256, 2, 4), (32, 128, 2, 4), (32, 512, 4, 3), (64, 64, 4, 5)):
-        cfgs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s))
+    # small M (decode steps): thin tiles over N and K split over several programs, so that the grid
+    # keeps enough loads in flight on every SM
+    for bn, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 4), (32, 128, 2, 4),
+                         (16, 512, 4, 3)):
+        for split in (1, 2, 4, 8):
+            cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split},
+                                      num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                              (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s))
     return cfgs
 
 
 def _prune(configs, named_args, **kwargs):
-    m = named_args["M"]
-    if m <= 16:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    if m <= SMALL_M:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == SMALL_M
+                and (c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]))]
     elif m <= 64:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    return keep or configs
+    return keep or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _int8_mm_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -58,13 +81,18 @@ def _int8_mm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (kb0 * BLOCK_K + rk)[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + (kb0 * BLOCK_K + rk)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb0, kb1):
         k_left = K - kb * BLOCK_K
         x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < k_left), other=0)
@@ -74,25 +102,142 @@ def _int8_mm_kernel(
             acc += tl.dot(x, w.to(x.dtype))
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * scale[None, :]
+    if SPLIT_K == 1:
+        _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        parts = part_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(parts + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # last of this tile's programs: add the partials in split order
+            acc = tl.load(parts + tile, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(parts + s * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    cfgs = []
+    # few rows per program with a long K step (one load round per program, no split), or K split
+    for bn, bk, w, st in ((2, 2048, 4, 1), (4, 1024, 4, 2), (4, 2048, 8, 1), (8, 1024, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3),
+                          (16, 512, 4, 2), (32, 256, 4, 2), (64, 128, 4, 3)):
+        for split in (1, 2, 4, 8):
+            cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=st))
+    return cfgs
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    n, k = named_args["N"], named_args["K"]
+    keep = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, part_ptr, count_ptr,
+    N0, N1, N, K, stride_xk, stride_wn, stride_wk, stride_yn,
+    HAS_BIAS: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One activation row (M = 1, a decode step): no tensor cores, just wide int8 loads and float32
+    multiply-adds, each program reducing a [BLOCK_N, BLOCK_K] tile per step.
+
+    Up to three Linear layers that read the same input run as one launch: output rows [0, N0) belong
+    to the first (w0, s0, b0, y0), [N0, N0 + N1) to the second, the rest to the third."""
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SEGMENTS == 1:
+        local = rn
+        w_rows = w0 + local * stride_wn
+    else:
+        in1 = rn >= N0
+        in2 = rn >= N0 + N1
+        local = rn - tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+        w_rows = tl.where(in2, w2, tl.where(in1, w1, w0)) + local * stride_wn
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * BLOCK_K + rk
+        x = tl.load(x_ptr + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_rows[:, None] + k[None, :] * stride_wk, mask=(rn[:, None] < N) & (k[None, :] < K), other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    row = tl.sum(acc, axis=1)
+    if SPLIT_K > 1:
+        parts = part_ptr + pid * (SPLIT_K * BLOCK_N)
+        tl.store(parts + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), row)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # last of this tile's programs: add the partials in split order
+            row = tl.load(parts + tl.arange(0, BLOCK_N), cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                row += tl.load(parts + s * BLOCK_N + tl.arange(0, BLOCK_N), cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn, HAS_BIAS, SEGMENTS)
+    else:
+        _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn, HAS_BIAS, SEGMENTS)
+
+
+@triton.jit
+def _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn,
+                   HAS_BIAS: tl.constexpr, SEGMENTS: tl.constexpr):
+    if SEGMENTS == 1:
+        s_ptrs = s0 + local
+        b_ptrs = b0 + local
+        y_ptrs = y0 + local * stride_yn
+    else:
+        in1 = rn >= N0
+        in2 = rn >= N0 + N1
+        s_ptrs = tl.where(in2, s2, tl.where(in1, s1, s0)) + local
+        b_ptrs = tl.where(in2, b2, tl.where(in1, b1, b0)) + local
+        y_ptrs = tl.where(in2, y2, tl.where(in1, y1, y0)) + local * stride_yn
+    row = row * tl.load(s_ptrs, mask=rn < N, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        row += tl.load(b_ptrs, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, row.to(y0.dtype.element_ty), mask=rn < N)
 
 
+_tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "SEGMENTS"], prune_configs_by={"early_config_prune": _prune_gemv})(_int8_gemv_kernel)
 _tuned = triton.autotune(
     configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}
 )(_int8_mm_kernel)
-_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-# the interpreter has no benchmarking driver: it runs one fixed configuration
+_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
+_GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+# the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
+_INTERPRET_GEMV_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
 
 def _bucket(m: int) -> int:
-    return 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+    return SMALL_M if m <= SMALL_M else 64 if m <= 64 else 256 if m <= 256 else 4096
+
+
+class _Scratch:
+    """The split-K partials and tile counters of one CUDA stream. Sized once for the largest split
+    output (``SPLIT_MAX_N`` columns at ``SMALL_M`` rows), so that calls never allocate. Counters start
+    at zero and every call leaves them at zero. Kept per stream: two streams running split matmuls at
+    the same time must not share counters."""
+
+    def __init__(self, device: torch.device):
+        tiles = SPLIT_MAX_N  # one row per tile at the least
+        self.parts = torch.empty(MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(tiles + 1, dtype=torch.int32, device=device)
+
+
+_scratch: dict[tuple, _Scratch] = {}
+
+
+def _scratch_for(device: torch.device) -> _Scratch:
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else (None, 0)
+    s = _scratch.get(key)
+    if s is None:
+        s = _scratch[key] = _Scratch(device)
+    return s
 
 
 # Launching through the autotuner and the JIT's argument binder costs tens of microseconds of host time
@@ -103,14 +248,15 @@ _compiled: dict[tuple, "_Launcher"] = {}
 
 
 class _Launcher:
-    def __init__(self, kernel, consts: list[int]):
-        self.kernel, self.consts = kernel, consts
+    def __init__(self, kernel, config: triton.Config, names: tuple[str, ...]):
+        self.kernel, self.consts = kernel, [config.kwargs[c] for c in names]
+        self.grid_of = _grid(config.kwargs)
         kernel._init_handles()
         self.run, self.function, self.meta = kernel.run, kernel.function, kernel.packed_metadata
         self.direct = True
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (triton.cdiv(m, self.consts[0]) * triton.cdiv(n, self.consts[1]), 1, 1)
+        return (*self.grid_of(m, n), 1)
 
     def __call__(self, m: int, n: int, device_index: int, args: list) -> None:
         g = self.grid(m, n)
@@ -130,32 +276,68 @@ def _layout_key(x2, qweight, scale, bias, y, bucket) -> tuple:
             tuple(t.data_ptr() % 16 == 0 for t in ptrs), x2.device.index)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def _grid(meta: dict):
+    """The launch grid of a configuration, as a function of M and N: (output tiles, K splits)."""
+    bm = meta.get("BLOCK_M", 1)
+    return lambda m, n: (triton.cdiv(m, bm) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+
+def _launch(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, nflags: int, m: int, n: int, device_index: int) -> None:
+    """Run ``kernel`` with the autotuner's configuration for ``key``: tuned on first use, then launched
+    directly. The last ``nflags`` of ``args`` are constexpr flags."""
+    if _INTERPRET:
+        c = dict(_INTERPRET_CONFIG) if kernel is _int8_mm_kernel else {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
+        kernel[_grid(c)(m, n)](*args, **c)
+        return
+    launch = _compiled.get(key)
+    if launch is None:
+        plain, flags = args[:len(args) - nflags], args[len(args) - nflags:]
+        flag_names = ("HAS_BIAS", "IEEE") if kernel is _int8_mm_kernel else ("HAS_BIAS", "SEGMENTS")
+        flags = dict(zip(flag_names, flags))
+        tuned[lambda meta: _grid(meta)(m, n)](*plain, **flags)
+        cfg = tuned.best_config
+        compiled = kernel.warmup(*plain, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
+        launch = _compiled[key] = _Launcher(compiled, cfg, names)
+    launch(m, n, device_index, args)
+
+
+def int8_linear_group(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                      biases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """For a single activation row ``x[..., K]`` (one token): the outputs of up to three int8 Linear
+    layers that read it, computed in one launch. Each weight is a contiguous ``[N_i, K]`` int8 tensor."""
+    k = qweights[0].shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] != 1 or not 1 <= len(qweights) <= 3:
+        raise ValueError("int8_linear_group takes one activation row and one to three weights")
+    ns = [w.shape[0] for w in qweights]
+    ys = [torch.empty((1, n), dtype=x.dtype, device=x.device) for n in ns]
+    seg = len(qweights)
+    pad = lambda ts: list(ts) + [ts[-1]] * (3 - seg)  # noqa: E731
+    bs = biases if biases is not None else scales
+    n0, n1, n = ns[0], (ns[1] if seg > 1 else 0), sum(ns)
+    scratch = _scratch_for(x.device)
+    args = [x2, *pad(qweights), *pad(scales), *pad(bs), *pad(ys), scratch.parts, scratch.counts, n0, n1, n, k,
+            x2.stride(1), k, 1, 1, biases is not None, seg]
+    key = ("gemv", x2.dtype, biases is not None, tuple(ns), k, x2.stride(1),
+           tuple(t.data_ptr() % 16 == 0 for t in (x2, *qweights, *scales, *bs)), x2.device.index)
+    _launch(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, 2, 1, n, x2.device.index)
+    return [y.reshape(*x.shape[:-1], y.shape[1]) for y in ys]
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., K] @ (qweight[N, K] * scale[N, None]).T + bias[N]`` in ``x``'s dtype."""
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 1 and qweight.stride(1) == 1 and qweight.stride(0) == k:
+        return int8_linear_group(x, [qweight], [scale], None if bias is None else [bias])[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    scratch = _scratch_for(x.device)
     bucket = _bucket(m)
-    args = [x2, qweight, scale, bias if bias is not None else scale, y, m, n, k, bucket,
+    args = [x2, qweight, scale, bias if bias is not None else scale, y, scratch.parts, scratch.counts, m, n, k, bucket,
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
             bias is not None, x.dtype == torch.float32]
-    if _INTERPRET:
-        c = _INTERPRET_CONFIG
-        _int8_mm_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **c)
-        return y.reshape(*x.shape[:-1], n)
-    key = _layout_key(x2, qweight, scale, bias, y, bucket)
-    launch = _compiled.get(key)
-    if launch is None:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        _tuned[grid](*args[:15], HAS_BIAS=args[15], IEEE=args[16])
-        cfg = _tuned.best_config
-        compiled = _int8_mm_kernel.warmup(*args[:15], HAS_BIAS=args[15], IEEE=args[16], grid=grid, **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(compiled, [cfg.kwargs[c] for c in _CONSTS])
-    launch(m, n, x2.device.index, args)
+    _launch(_int8_mm_kernel, _tuned, _CONSTS, _layout_key(x2, qweight, scale, bias, y, bucket), args, 2, m, n, x2.device.index)
     return y.reshape(*x.shape[:-1], n)

@@ -2,8 +2,8 @@
 
 ``resident``: each Linear's zstd chunks are decoded once, at load, into its int8 weight.
 ``stream``: each Linear keeps its weight compressed in GPU memory (as the file's zstd frames, or
-re-encoded to nvCOMP's ANS at load, which decodes about ten times faster) and decodes it into one
-workspace shared by all layers just before its matmul.
+re-encoded to nvCOMP's ANS at load, which decodes about ten times faster) and decodes it just before use,
+on a side stream, while the layers before it compute (``codecllm.gpu.stream``).
 
 Compressed bytes are checked against their sha256 on the host before any of them reaches nvCOMP (its
 behaviour on corrupt input is undefined). nvCOMP's per-chunk statuses and decoded sizes are checked at
@@ -16,20 +16,15 @@ import functools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..codecs import chunk_bounds
 from ..errors import DecodeError, DeviceError
 from ..format import DTYPES, CllmFile, Record
 from . import nvcomp
+from .stream import CudaStreamLinear, StreamSchedule, _aligned
 
 STREAM_CODECS = ("ans", "zstd")
-ALIGN = 256
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _padded(data: np.ndarray, sizes: list[int], align: int) -> tuple[np.ndarray, list[int]]:
@@ -44,62 +39,6 @@ def _padded(data: np.ndarray, sizes: list[int], align: int) -> tuple[np.ndarray,
     return out, offsets
 
 
-class _Shared:
-    """What all stream layers of one model share: the decode workspace, nvCOMP's temp buffer, and one
-    status array and one decoded-size array that every layer's decode writes its part of."""
-
-    def __init__(self):
-        self.workspace: torch.Tensor | None = None
-        self.temp: torch.Tensor | None = None
-        self.statuses: torch.Tensor | None = None
-        self.actual: torch.Tensor | None = None
-        self.expected: torch.Tensor | None = None
-
-    def check(self) -> None:
-        """Raise if any decode since load reported an error or a wrong size (synchronizes once)."""
-        if self.statuses is None:
-            return
-        bad = bool(((self.statuses != 0).any() | (self.actual != self.expected).any()).item())
-        if bad:
-            idx = int(torch.nonzero((self.statuses != 0) | (self.actual != self.expected))[0])
-            status = int(self.statuses[idx])
-            raise DecodeError(
-                f"nvCOMP failed to decode a streamed weight (chunk {idx}: status "
-                f"{nvcomp.STATUS_NAMES.get(status, status)}, {int(self.actual[idx])} of {int(self.expected[idx])} bytes)"
-            )
-
-
-class CudaStreamLinear(nn.Module):
-    """A Linear layer whose weight stays compressed in GPU memory and is decoded before every call into
-    the workspace it shares with the model's other stream layers."""
-
-    def __init__(self, table: nvcomp.ChunkTable, rec: Record, scale: torch.Tensor | None, bias, shared: _Shared):
-        super().__init__()
-        self.out_features, self.in_features = rec.shape
-        self.table = table
-        self.scheme = rec.scheme
-        self.encoded_dtype = DTYPES[rec.encoded_dtype][0]
-        self.nbytes = rec.encoded_nbytes
-        self.chunk_size = rec.chunk_size
-        self.shared = shared
-        self.register_buffer("payload", table.comp, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.bias = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .int8_matmul import int8_linear
-
-        self.table.decode(self.shared.temp)
-        w = self.shared.workspace[: self.nbytes].view(self.encoded_dtype).view(self.out_features, self.in_features)
-        if self.scheme == "int8":
-            return int8_linear(x, w, self.scale, self.bias)
-        return F.linear(x, w.to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.scheme}+{self.table.algo.name} on GPU")
-
-
 class GpuDecoder:
     """Decodes the records of one open ``.cllm`` file onto a CUDA device with nvCOMP."""
 
@@ -112,8 +51,7 @@ class GpuDecoder:
         self._temp = torch.empty(0, dtype=torch.uint8, device=device)
         self._arena = torch.empty(0, dtype=torch.uint8, device=device)
         self._arena_pos = 0
-        self.shared = _Shared()
-        self.stream_layers: list[CudaStreamLinear] = []
+        self.schedule = StreamSchedule()
 
     def reserve(self, sizes: list[int]) -> None:
         """One allocation for the tensors about to be decoded: the caching allocator rounds every large
@@ -180,14 +118,16 @@ class GpuDecoder:
         statuses = torch.empty(len(out_sizes), dtype=torch.int32, device=self.dev)
         actual = torch.empty(len(out_sizes), dtype=torch.int64, device=self.dev)
         table = nvcomp.ChunkTable(algo, comp, offsets, sizes, 0, out_sizes, rec.chunk_size, statuses, actual)
-        layer = CudaStreamLinear(table, rec, scale, bias, self.shared)
-        self.stream_layers.append(layer)
-        return layer
+        return CudaStreamLinear(table, rec, scale, bias, self.schedule)
 
     def finish(self, model: nn.Module) -> None:
-        """Give the stream layers their shared workspace, temp buffer and status arrays, check every
-        stream layer decodes correctly once, and make ``generate()`` check the statuses after each call."""
-        layers = self.stream_layers
+        """Give the stream layers their shared workspaces, temp buffer and status arrays, check every
+        stream layer decodes correctly once, hook the model's forward (prefetches stay inside one forward)
+        and make ``generate()`` check the statuses after each call."""
+        from . import fusion
+
+        fusion.install(model)
+        layers = self.schedule.layers
         self._temp = None
         self._arena = None
         if not layers:
@@ -200,22 +140,13 @@ class GpuDecoder:
             l.table.rebase(packed[pos:pos + n])
             l.payload = l.table.comp
             pos += _aligned(n)
-        sh = self.shared
-        sh.workspace = torch.empty(max(l.nbytes for l in layers), dtype=torch.uint8, device=self.dev)
-        sh.temp = torch.empty(max(max(l.table.temp_bytes for l in layers), 1), dtype=torch.uint8, device=self.dev)
-        total = sum(l.table.num_chunks for l in layers)
-        sh.statuses = torch.zeros(total, dtype=torch.int32, device=self.dev)
-        sh.actual = torch.zeros(total, dtype=torch.int64, device=self.dev)
-        sh.expected = torch.cat([l.table.out_sizes for l in layers])
-        pos = 0
-        for l in layers:
-            t = l.table
-            t.statuses, t.actual = sh.statuses[pos:pos + t.num_chunks], sh.actual[pos:pos + t.num_chunks]
-            t.retarget(sh.workspace.data_ptr(), l.chunk_size)
-            pos += t.num_chunks
+        sh = self.schedule
+        sh.setup(self.dev)
         for l in layers:  # every streamed weight decodes once here, so that a bad one fails the load
-            l.table.decode(sh.temp)
+            l.table.decode(sh.temp, out_ptrs=l.alone[0])
         sh.check()
+        model.register_forward_pre_hook(sh.begin_forward)
+        model.register_forward_hook(sh.end_forward)
         original = model.generate
 
         @functools.wraps(original)

@@ -160,24 +160,46 @@ class ChunkTable:
         self._fn = getattr(library(), f"nvcompBatched{algo_name}DecompressAsync")
         self._opts = _decompress_opts()
 
+    @classmethod
+    def concat(cls, tables: list["ChunkTable"], statuses: torch.Tensor, actual: torch.Tensor) -> "ChunkTable":
+        """One table decoding the chunks of all ``tables`` (same algorithm) in one call; pass it output
+        pointers from their ``out_table``s, concatenated."""
+        t = cls.__new__(cls)
+        t.algo = tables[0].algo
+        t.num_chunks = sum(x.num_chunks for x in tables)
+        t.comp = tables[0].comp
+        t.comp_ptrs = torch.cat([x.comp_ptrs for x in tables])
+        t.comp_sizes = torch.cat([x.comp_sizes for x in tables])
+        t.out_sizes = torch.cat([x.out_sizes for x in tables])
+        t.out_ptrs = torch.cat([x.out_ptrs for x in tables])
+        t.statuses, t.actual = statuses, actual
+        t.max_chunk = max(x.max_chunk for x in tables)
+        t.total = sum(x.total for x in tables)
+        t.temp_bytes = t.algo.decompress_temp_bytes(t.num_chunks, t.max_chunk, t.total) if t.num_chunks else 0
+        t._fn, t._opts = tables[0]._fn, tables[0]._opts
+        return t
+
     def rebase(self, comp: torch.Tensor) -> None:
         """Move the compressed bytes to ``comp`` (same length) and point the table there."""
         comp.copy_(self.comp)
         self.comp_ptrs += comp.data_ptr() - self.comp.data_ptr()
         self.comp = comp
 
-    def retarget(self, out_ptr_base: int, out_stride: int) -> None:
-        self.out_ptrs.copy_(torch.arange(self.num_chunks, dtype=torch.int64, device=self.out_ptrs.device) * out_stride + out_ptr_base)
+    def out_table(self, out_ptr_base: int, out_stride: int) -> torch.Tensor:
+        """A device table of output pointers for chunk ``i`` at ``out_ptr_base + i * out_stride``, to pass to
+        ``decode`` (a table decodes into any number of buffers)."""
+        return torch.arange(self.num_chunks, dtype=torch.int64, device=self.out_ptrs.device) * out_stride + out_ptr_base
 
-    def decode(self, temp: torch.Tensor | None, stream: torch.cuda.Stream | None = None) -> None:
-        """Enqueue the decode on ``stream`` (default: the current one). Asynchronous."""
+    def decode(self, temp: torch.Tensor | None, stream: torch.cuda.Stream | None = None, out_ptrs: torch.Tensor | None = None) -> None:
+        """Enqueue the decode on ``stream`` (default: the current one), into the table's own outputs or
+        those of ``out_ptrs`` (see ``out_table``). Asynchronous."""
         if not self.num_chunks:
             return
         s = stream or torch.cuda.current_stream(self.comp.device)
         status = self._fn(
             self.comp_ptrs.data_ptr(), self.comp_sizes.data_ptr(), self.out_sizes.data_ptr(), self.actual.data_ptr(),
             self.num_chunks, temp.data_ptr() if temp is not None and self.temp_bytes else None, self.temp_bytes,
-            self.out_ptrs.data_ptr(), self._opts, self.statuses.data_ptr(), s.cuda_stream,
+            (out_ptrs if out_ptrs is not None else self.out_ptrs).data_ptr(), self._opts, self.statuses.data_ptr(), s.cuda_stream,
         )
         _check(status, f"batched {self.algo.name} decompress")
 
