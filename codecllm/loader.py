@@ -92,7 +92,7 @@ def load(
         if decoder is not None:  # one allocation for every tensor decoded at load
             decoder.reserve([r.encoded_nbytes for n, r in doc.tensors.items() if n not in streamed])
         state: dict[str, torch.Tensor] = {}
-        for rec in doc.tensors.values():
+        for rec in _in_model_order(model, doc, names_of):
             _place(model, f, rec, names_of[rec.name], rec.name in streamed, dev, dtype, state, decoder)
         if "generation_config.json" in doc.files:
             from transformers import GenerationConfig
@@ -107,6 +107,15 @@ def load(
     if decoder is not None:
         decoder.finish(model)
     return model
+
+
+def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
+    """The file's records in the order the model registers their parameters: decoded in this order, the
+    weights of layers registered together (a block's q/k/v, its gate/up) lie back to back in GPU memory,
+    which lets ``codecllm.gpu.fusion`` view them as one matrix."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
+    position = {n: i for i, n in enumerate(names)}
+    return sorted(doc.tensors.values(), key=lambda r: min(position.get(n, len(position)) for n in names_of[r.name]))
 
 
 def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:

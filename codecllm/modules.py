@@ -41,6 +41,7 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     runner = None  # on CUDA, ``codecllm.gpu.fusion`` may run this layer together with its siblings
+    _row = None  # on CUDA: the prepared one-row matmul (``codecllm.gpu.int8_matmul.RowMatmul``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runner is not None:
@@ -48,7 +49,24 @@ class Int8Linear(nn.Module):
         return self.plain(x)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() == self.in_features:  # one token: the decode step's hot path
+            row = self.row_matmul()
+            if row is not None:
+                return row(x)
         return int8_linear(x, self.qweight, self.scale, self.bias)
+
+    def row_matmul(self):
+        """The one-row matmul prepared for this layer's current tensors (None where their layout has none)."""
+        row, q, s, b = self._row, self.qweight, self.scale, self.bias
+        if row is None or row.qweight is not q or row.scale is not s or row.bias is not b:
+            from .gpu.int8_matmul import RowMatmul
+
+            try:
+                row = RowMatmul(q, s, b)
+            except ValueError:
+                return None
+            self._row = row
+        return row
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"

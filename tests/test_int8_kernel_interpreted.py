@@ -32,18 +32,19 @@ for m, n, k, dtype, bias, split in cases:
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 2e-3), (m, n, k, dtype, split, err)
     assert torch.equal(int8_linear(x.reshape(1, m, k), q, s, b), y)
-# up to three layers reading the same token in one launch: rows of a tile may belong to two layers
-for split in (1, 2):
+# a prepared one-row matmul, called again and again (with and without a K split)
+for split in (1, 3):
     int8_matmul._INTERPRET_CONFIG["SPLIT_K"] = split
-    for ns, bias in (([6, 3], False), ([5, 7, 2], True), ([8], True)):
+    for n, bias in ((14, True), (9, False)):
         x = torch.randn(1, 1, 96)
-        qs = [torch.randint(-127, 128, (n, 96), dtype=torch.int8) for n in ns]
-        ss = [torch.rand(n) * 0.01 for n in ns]
-        bs = [torch.randn(n) for n in ns] if bias else None
-        ys = int8_matmul.int8_linear_group(x, qs, ss, bs)
-        for i, (y, q, sc) in enumerate(zip(ys, qs, ss)):
-            ref = x[0].double() @ (q.double() * sc.double()[:, None]).T + (bs[i].double() if bias else 0)
-            assert y.shape == (1, 1, q.shape[0]) and torch.allclose(y[0].double(), ref, rtol=1e-5, atol=1e-5), (ns, i)
+        q = torch.randint(-127, 128, (n, 96), dtype=torch.int8)
+        sc = torch.rand(n) * 0.01
+        b = torch.randn(n) if bias else None
+        row = int8_matmul.RowMatmul(q, sc, b)
+        y = row(x)
+        ref = x[0].double() @ (q.double() * sc.double()[:, None]).T + (b.double() if bias else 0)
+        assert y.shape == (1, 1, n) and torch.allclose(y[0].double(), ref, rtol=1e-5, atol=1e-5), (n, split)
+        assert torch.equal(row(x), y)
 assert not int8_matmul._scratch_for(torch.device("cpu")).counts.any()  # every call leaves its counters at zero
 print("ok")
 """
@@ -69,7 +70,7 @@ model.register_forward_hook(fusion.learn)
 ids = torch.tensor([[5]])
 with torch.no_grad():
     ref = model(ids).logits  # the first forward learns which layers read the same input
-    groups = sorted(tuple(names[id(m)].rsplit(".", 2)[-1] for m in g) for g in fusion.groups.values())
+    groups = sorted(tuple(names[id(m)].rsplit(".", 2)[-1] for m in g.layers) for g in fusion.groups.values())
     assert set(groups) == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}, groups
     assert len(groups) == 2 * len(model.model.layers), groups  # one of each per block
     out = model(ids).logits  # now one launch per group
@@ -90,3 +91,34 @@ def test_sibling_fusion_under_interpreter(tiny_llama, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", FUSION_SCRIPT, str(tmp_path / "m.cllm")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_fusion_joins_weights_without_copying_when_back_to_back():
+    """A group's weight is a view of its members' weights where they lie back to back (as the GPU
+    loader decodes them); members that own their weights are moved into one tensor; others are not fused."""
+    import torch
+
+    from codecllm.gpu.fusion import _join
+    from codecllm.modules import Int8Linear
+
+    def layers(weights):
+        return [Int8Linear(w, torch.rand(w.shape[0]), torch.nn.Parameter(torch.randn(w.shape[0]))) for w in weights]
+
+    arena = torch.randint(-127, 128, (9 * 8 + 8,), dtype=torch.int8)
+    run = layers([arena[0:16].view(2, 8), arena[16:40].view(3, 8), arena[40:72].view(4, 8)])
+    before = [(m.qweight.clone(), m.scale.clone(), m.bias.detach().clone()) for m in run]
+    group = _join(run)
+    assert group.matmul.qweight.data_ptr() == arena.data_ptr() and group.matmul.qweight.shape == (9, 8)
+    assert group.sizes == [2, 3, 4]
+    for m, (q, s, b) in zip(run, before):  # same values, now views of the group's tensors
+        assert torch.equal(m.qweight, q) and torch.equal(m.scale, s) and torch.equal(m.bias, b)
+        assert m.qweight.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+        assert m.scale.untyped_storage().data_ptr() == group.matmul.scale.untyped_storage().data_ptr()
+
+    own = layers([torch.randint(-127, 128, (n, 8), dtype=torch.int8) for n in (2, 3)])
+    before = [m.qweight.clone() for m in own]
+    group = _join(own)
+    assert group.matmul.qweight.shape == (5, 8) and all(torch.equal(m.qweight, q) for m, q in zip(own, before))
+
+    gap = layers([arena[0:16].view(2, 8), arena[24:48].view(3, 8)])  # a hole between them, in a shared buffer
+    assert _join(gap) is None

@@ -136,35 +136,24 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 @triton.jit
 def _int8_gemv_kernel(
-    x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, part_ptr, count_ptr,
-    N0, N1, N, K, stride_xk, stride_wn, stride_wk, stride_yn,
-    HAS_BIAS: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, N, K, stride_xk,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """One activation row (M = 1, a decode step): no tensor cores, just wide int8 loads and float32
-    multiply-adds, each program reducing a [BLOCK_N, BLOCK_K] tile per step.
-
-    Up to three Linear layers that read the same input run as one launch: output rows [0, N0) belong
-    to the first (w0, s0, b0, y0), [N0, N0 + N1) to the second, the rest to the third."""
+    """One activation row (M = 1, a decode step) against a contiguous ``[N, K]`` weight: no tensor
+    cores, just wide int8 loads and float32 multiply-adds, each program reducing a [BLOCK_N, BLOCK_K]
+    tile per step."""
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb0 = tl.program_id(1) * per_split
     kb1 = tl.minimum(kb0 + per_split, k_blocks)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    if SEGMENTS == 1:
-        local = rn
-        w_rows = w0 + local * stride_wn
-    else:
-        in1 = rn >= N0
-        in2 = rn >= N0 + N1
-        local = rn - tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
-        w_rows = tl.where(in2, w2, tl.where(in1, w1, w0)) + local * stride_wn
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in range(kb0, kb1):
         k = kb * BLOCK_K + rk
         x = tl.load(x_ptr + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_rows[:, None] + k[None, :] * stride_wk, mask=(rn[:, None] < N) & (k[None, :] < K), other=0)
+        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0)
         acc += w.to(tl.float32) * x[None, :]
     row = tl.sum(acc, axis=1)
     if SPLIT_K > 1:
@@ -177,31 +166,20 @@ def _int8_gemv_kernel(
             for s in range(1, SPLIT_K):
                 row += tl.load(parts + s * BLOCK_N + tl.arange(0, BLOCK_N), cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn, HAS_BIAS, SEGMENTS)
+            _gemv_epilogue(row, rn, N, s_ptr, b_ptr, y_ptr, HAS_BIAS)
     else:
-        _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn, HAS_BIAS, SEGMENTS)
+        _gemv_epilogue(row, rn, N, s_ptr, b_ptr, y_ptr, HAS_BIAS)
 
 
 @triton.jit
-def _gemv_epilogue(row, rn, local, N, N0, N1, s0, s1, s2, b0, b1, b2, y0, y1, y2, stride_yn,
-                   HAS_BIAS: tl.constexpr, SEGMENTS: tl.constexpr):
-    if SEGMENTS == 1:
-        s_ptrs = s0 + local
-        b_ptrs = b0 + local
-        y_ptrs = y0 + local * stride_yn
-    else:
-        in1 = rn >= N0
-        in2 = rn >= N0 + N1
-        s_ptrs = tl.where(in2, s2, tl.where(in1, s1, s0)) + local
-        b_ptrs = tl.where(in2, b2, tl.where(in1, b1, b0)) + local
-        y_ptrs = tl.where(in2, y2, tl.where(in1, y1, y0)) + local * stride_yn
-    row = row * tl.load(s_ptrs, mask=rn < N, other=0.0)
+def _gemv_epilogue(row, rn, N, s_ptr, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
+    row = row * tl.load(s_ptr + rn, mask=rn < N, other=0.0)
     if HAS_BIAS:
-        row += tl.load(b_ptrs, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, row.to(y0.dtype.element_ty), mask=rn < N)
+        row += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, row.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-_tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "SEGMENTS"], prune_configs_by={"early_config_prune": _prune_gemv})(_int8_gemv_kernel)
+_tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_gemv})(_int8_gemv_kernel)
 _tuned = triton.autotune(
     configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}
 )(_int8_mm_kernel)
@@ -227,53 +205,56 @@ class _Scratch:
         tiles = SPLIT_MAX_N  # one row per tile at the least
         self.parts = torch.empty(MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128), dtype=torch.float32, device=device)
         self.counts = torch.zeros(tiles + 1, dtype=torch.int32, device=device)
+        self.ptrs = (self.parts.data_ptr(), self.counts.data_ptr())
 
 
 _scratch: dict[tuple, _Scratch] = {}
 
 
-def _scratch_for(device: torch.device) -> _Scratch:
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else (None, 0)
-    s = _scratch.get(key)
+def _scratch_at(index: int | None, stream: int, device: torch.device) -> _Scratch:
+    s = _scratch.get((index, stream))
     if s is None:
-        s = _scratch[key] = _Scratch(device)
+        s = _scratch[(index, stream)] = _Scratch(device)
     return s
+
+
+def _scratch_for(device: torch.device) -> _Scratch:
+    if device.type != "cuda":
+        return _scratch_at(None, 0, device)
+    return _scratch_at(device.index, torch._C._cuda_getCurrentRawStream(device.index), device)
 
 
 # Launching through the autotuner and the JIT's argument binder costs tens of microseconds of host time
 # per call, more than an fp16 matmul's whole launch. After the first call for a given layout, the compiled
-# kernel chosen by the autotuner is launched directly through its launcher. The key holds everything the
+# kernel chosen by the autotuner is launched directly through its launcher, with every pointer passed as
+# an integer (a tensor would cost the launcher a driver query per pointer). The key holds everything the
 # kernel was specialized on (dtypes, N, K, strides, 16-byte alignment of each pointer); M is not.
 _compiled: dict[tuple, "_Launcher"] = {}
 
 
 class _Launcher:
-    def __init__(self, kernel, config: triton.Config, names: tuple[str, ...]):
-        self.kernel, self.consts = kernel, [config.kwargs[c] for c in names]
-        self.grid_of = _grid(config.kwargs)
+    def __init__(self, kernel, config: triton.Config, names: tuple[str, ...], n: int):
+        self.kernel, self.consts = kernel, tuple(config.kwargs[c] for c in names)
+        self.meta_kwargs = config.kwargs
         kernel._init_handles()
         self.run, self.function, self.meta = kernel.run, kernel.function, kernel.packed_metadata
+        self.split = config.kwargs["SPLIT_K"]
+        self.row_grid = triton.cdiv(n, config.kwargs["BLOCK_N"])  # programs per K split at M = 1
         self.direct = True
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (*self.grid_of(m, n), 1)
+        return (*_grid(self.meta_kwargs)(m, n), 1)
 
-    def __call__(self, m: int, n: int, device_index: int, args: list) -> None:
-        g = self.grid(m, n)
+    def __call__(self, grid: tuple[int, int, int], stream: int, args: tuple, tensors) -> None:
+        """Launch with ``args`` (pointers as integers); ``tensors()`` gives the same arguments with
+        tensors, for the public path a Triton with another launcher signature takes."""
         if self.direct:
             try:
-                stream = torch._C._cuda_getCurrentRawStream(device_index)
-                self.run(g[0], g[1], g[2], stream, self.function, self.meta, None, None, None, *args, *self.consts)
+                self.run(grid[0], grid[1], grid[2], stream, self.function, self.meta, None, None, None, *args, *self.consts)
                 return
             except TypeError:  # another Triton's launcher signature: take the public path from now on
                 self.direct = False
-        self.kernel[g](*args, *self.consts)
-
-
-def _layout_key(x2, qweight, scale, bias, y, bucket) -> tuple:
-    ptrs = (x2, qweight, scale, bias if bias is not None else scale, y)
-    return (x2.dtype, y.dtype, bias is not None, bucket, tuple(qweight.shape), x2.stride(), qweight.stride(), y.stride(),
-            tuple(t.data_ptr() % 16 == 0 for t in ptrs), x2.device.index)
+        self.kernel[grid](*tensors(), *self.consts)
 
 
 def _grid(meta: dict):
@@ -282,46 +263,72 @@ def _grid(meta: dict):
     return lambda m, n: (triton.cdiv(m, bm) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
-def _launch(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, nflags: int, m: int, n: int, device_index: int) -> None:
-    """Run ``kernel`` with the autotuner's configuration for ``key``: tuned on first use, then launched
-    directly. The last ``nflags`` of ``args`` are constexpr flags."""
-    if _INTERPRET:
-        c = dict(_INTERPRET_CONFIG) if kernel is _int8_mm_kernel else {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
-        kernel[_grid(c)(m, n)](*args, **c)
-        return
+def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, flags: dict, m: int, n: int) -> "_Launcher":
+    """The launcher of ``kernel``'s best configuration for ``key``; the first call for a key tunes it
+    (running the kernel on ``args``, whose results it leaves in place)."""
     launch = _compiled.get(key)
     if launch is None:
-        plain, flags = args[:len(args) - nflags], args[len(args) - nflags:]
-        flag_names = ("HAS_BIAS", "IEEE") if kernel is _int8_mm_kernel else ("HAS_BIAS", "SEGMENTS")
-        flags = dict(zip(flag_names, flags))
-        tuned[lambda meta: _grid(meta)(m, n)](*plain, **flags)
+        tuned[lambda meta: _grid(meta)(m, n)](*args, **flags)
         cfg = tuned.best_config
-        compiled = kernel.warmup(*plain, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(compiled, cfg, names)
-    launch(m, n, device_index, args)
+        compiled = kernel.warmup(*args, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
+        launch = _compiled[key] = _Launcher(compiled, cfg, names, n)
+    return launch
 
 
-def int8_linear_group(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
-                      biases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """For a single activation row ``x[..., K]`` (one token): the outputs of up to three int8 Linear
-    layers that read it, computed in one launch. Each weight is a contiguous ``[N_i, K]`` int8 tensor."""
-    k = qweights[0].shape[1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] != 1 or not 1 <= len(qweights) <= 3:
-        raise ValueError("int8_linear_group takes one activation row and one to three weights")
-    ns = [w.shape[0] for w in qweights]
-    ys = [torch.empty((1, n), dtype=x.dtype, device=x.device) for n in ns]
-    seg = len(qweights)
-    pad = lambda ts: list(ts) + [ts[-1]] * (3 - seg)  # noqa: E731
-    bs = biases if biases is not None else scales
-    n0, n1, n = ns[0], (ns[1] if seg > 1 else 0), sum(ns)
-    scratch = _scratch_for(x.device)
-    args = [x2, *pad(qweights), *pad(scales), *pad(bs), *pad(ys), scratch.parts, scratch.counts, n0, n1, n, k,
-            x2.stride(1), k, 1, 1, biases is not None, seg]
-    key = ("gemv", x2.dtype, biases is not None, tuple(ns), k, x2.stride(1),
-           tuple(t.data_ptr() % 16 == 0 for t in (x2, *qweights, *scales, *bs)), x2.device.index)
-    _launch(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, 2, 1, n, x2.device.index)
-    return [y.reshape(*x.shape[:-1], y.shape[1]) for y in ys]
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class RowMatmul:
+    """``int8_linear`` for one activation row (a decode step) with the weight, scale and bias fixed when
+    it is made, as a layer's are: a call allocates the output and launches one kernel with arguments
+    prepared ahead, which keeps its host time below that of an fp16 ``F.linear``. The weight must be a
+    contiguous ``[N, K]`` int8 tensor; ``x`` any tensor of ``K`` elements whose last dimension is ``K``.
+
+    Holds references to its tensors: if a layer's tensors are replaced, make a new one."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        n, k = qweight.shape
+        if qweight.stride() != (k, 1) or not scale.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            raise ValueError("RowMatmul needs a contiguous [N, K] weight, scale and bias")
+        self.qweight, self.scale, self.bias = qweight, scale, bias
+        self.n, self.k = n, k
+        self.device, self.index = qweight.device, qweight.device.index
+        b = bias if bias is not None else scale  # not read without a bias; any valid pointer
+        self.tail = (qweight.data_ptr(), scale.data_ptr(), b.data_ptr())
+        self.aligned = tuple(p % 16 == 0 for p in self.tail)
+        self.flags = {"HAS_BIAS": bias is not None}
+        self.launchers: dict[tuple, _Launcher] = {}  # (x dtype, x stride, x aligned) -> launcher
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype, device=self.device)
+        xp, sx = x.data_ptr(), x.stride(-1)
+        if _INTERPRET:
+            c = {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
+            _int8_gemv_kernel[_grid(c)(1, self.n)](*self._tensors(x, y, _scratch_for(self.device)), sx, **self.flags, **c)
+            return y
+        launch = self.launchers.get((x.dtype, sx, xp % 16 == 0))
+        if launch is None:
+            return self._first(x, y)
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        launch((launch.row_grid, launch.split, 1), stream, (xp, *self.tail, y.data_ptr(), *scratch.ptrs, self.n, self.k, sx, self.flags["HAS_BIAS"]),
+               lambda: (*self._tensors(x, y, scratch), sx, self.flags["HAS_BIAS"]))
+        return y
+
+    def _tensors(self, x, y, scratch) -> tuple:
+        b = self.bias if self.bias is not None else self.scale
+        return (x, self.qweight, self.scale, b, y, scratch.parts, scratch.counts, self.n, self.k)
+
+    def _first(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Tune (or find) the kernel for this layout; computes ``y`` on the way."""
+        sx, xa = x.stride(-1), x.data_ptr() % 16 == 0
+        key = ("gemv", x.dtype, self.scale.dtype, None if self.bias is None else self.bias.dtype, self.n, self.k, sx, xa,
+               self.aligned, self.index)
+        args = [*self._tensors(x, y, _scratch_for(self.device)), sx]
+        done = key in _compiled
+        self.launchers[(x.dtype, sx, xa)] = _tuned_launcher(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, self.flags, 1, self.n)
+        return self(x) if done else y
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -329,15 +336,26 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m == 1 and qweight.stride(1) == 1 and qweight.stride(0) == k:
-        return int8_linear_group(x, [qweight], [scale], None if bias is None else [bias])[0]
+    if m == 1 and qweight.stride() == (k, 1) and scale.is_contiguous() and (bias is None or bias.is_contiguous()):
+        return RowMatmul(qweight, scale, bias)(x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     scratch = _scratch_for(x.device)
     bucket = _bucket(m)
-    args = [x2, qweight, scale, bias if bias is not None else scale, y, scratch.parts, scratch.counts, m, n, k, bucket,
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
-            bias is not None, x.dtype == torch.float32]
-    _launch(_int8_mm_kernel, _tuned, _CONSTS, _layout_key(x2, qweight, scale, bias, y, bucket), args, 2, m, n, x2.device.index)
+    b = bias if bias is not None else scale
+    tensors = [x2, qweight, scale, b, y, scratch.parts, scratch.counts]
+    ints = [m, n, k, bucket, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1)]
+    flags = {"HAS_BIAS": bias is not None, "IEEE": x.dtype == torch.float32}
+    if _INTERPRET:
+        _int8_mm_kernel[_grid(_INTERPRET_CONFIG)(m, n)](*tensors, *ints, **flags, **_INTERPRET_CONFIG)
+        return y.reshape(*x.shape[:-1], n)
+    key = (x2.dtype, scale.dtype, None if bias is None else bias.dtype, bucket, (n, k), x2.stride(), qweight.stride(), y.stride(),
+           tuple(t.data_ptr() % 16 == 0 for t in tensors[:4]), x2.device.index)
+    launch = _compiled.get(key)
+    if launch is None:  # tunes, and computes y on the way
+        _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n)
+    else:
+        stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
+        launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()), lambda: (*tensors, *ints, *flags.values()))
     return y.reshape(*x.shape[:-1], n)

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import DecodeError
 from ..format import DTYPES, Record
 from . import nvcomp
+from .int8_matmul import RowMatmul, int8_linear
 
 SLOTS = 2
 ALIGN = 256
@@ -48,7 +49,7 @@ class StreamSchedule:
         self.checks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (statuses, actual, expected)
         self.side: torch.cuda.Stream | None = None
         self.ready: list[torch.cuda.Event] = []  # decode into slot s done (side stream)
-        self.freed: list[torch.cuda.Event] = []  # the last matmul reading slot s (compute stream)
+        self.freed: list[torch.cuda.Event] = []  # the compute stream is done with slot s (recorded when it moves on)
         self.freed_now: list[bool] = []  # whether ``freed[s]`` was recorded in this forward
         self.units: list[_Unit] = []
         self.unit_of: list[int] = []  # per layer: its unit, or -1
@@ -157,9 +158,13 @@ class StreamSchedule:
         """``layer``'s decoded weight, ready for the compute stream; starts the next unit's decode."""
         i = layer.index
         u = self.unit_of[i]
-        if self.current is not None and self.current[0] == (u if u >= 0 else -(i + 1)):
-            return layer.weights[self.current[1]]
+        current = self.current
+        if current is not None and current[0] == (u if u >= 0 else -(i + 1)):
+            return layer.weights[current[1]]
         main = torch.cuda.current_stream()
+        if current is not None:  # every matmul reading the current slot is enqueued: it may be refilled after them
+            self.freed[current[1]].record(main)
+            self.freed_now[current[1]] = True
         if u < 0:  # no unit yet (the first forward) or a layer outside the recorded order: alone
             if self.order is not None:
                 self.order.append(i)
@@ -181,12 +186,6 @@ class StreamSchedule:
             self._decode(1 - slot, main, nxt.table, nxt.out_ptrs[1 - slot])
             self.pending = (u + 1, 1 - slot)
         return layer.weights[slot]
-
-    def used(self) -> None:
-        """After a matmul on the current slot is enqueued."""
-        slot = self.current[1]
-        self.freed[slot].record()
-        self.freed_now[slot] = True
 
     def check(self) -> None:
         """Raise if any decode since load reported an error or a wrong size (synchronizes once)."""
@@ -224,6 +223,7 @@ class CudaStreamLinear(nn.Module):
         self.alone: list[torch.Tensor] = []  # per slot: output pointers when decoded alone (offset 0)
         self.alone_weights: list[torch.Tensor] = []  # per slot: the weight's view when decoded alone
         self.weights: list[torch.Tensor] = []  # per slot: the weight's view where its unit puts it
+        self.rows: dict[int, RowMatmul] = {}  # id(weight view) -> its prepared one-row matmul
         self.index = len(schedule.layers)
         schedule.layers.append(self)
 
@@ -231,12 +231,15 @@ class CudaStreamLinear(nn.Module):
         return workspace[offset:offset + self.nbytes].view(self.encoded_dtype).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .int8_matmul import int8_linear
-
         w = self.schedule.weight_for(self)
-        y = int8_linear(x, w, self.scale, self.bias) if self.scheme == "int8" else F.linear(x, w.to(x.dtype), self.bias)
-        self.schedule.used()
-        return y
+        if self.scheme != "int8":
+            return F.linear(x, w.to(x.dtype), self.bias)
+        if x.numel() != self.in_features:
+            return int8_linear(x, w, self.scale, self.bias)
+        row = self.rows.get(id(w))
+        if row is None or row.scale is not self.scale or row.bias is not self.bias:
+            row = self.rows[id(w)] = RowMatmul(w, self.scale, self.bias)
+        return row(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
