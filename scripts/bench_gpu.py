@@ -228,6 +228,7 @@ def main() -> None:
     from codecllm.gpu import int8_matmul
 
     result["environment"]["int8_direct_launch"] = all(l.direct for l in int8_matmul._compiled.values())
+    result["int8_configs"] = int8_matmul.tuned_configs()
     report(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

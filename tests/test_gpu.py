@@ -49,6 +49,30 @@ def test_row_matmul_input_layouts():
             assert y.shape == (*x.shape[:-1], n) and sqnr_db(ref, y) > 40
 
 
+def test_public_launch_path_matches_direct():
+    """Where Triton's launcher takes other arguments, launches fall back to the JIT's public path with
+    the tuned configuration: same bits."""
+    from codecllm.gpu import int8_matmul
+    from codecllm.gpu.int8_matmul import RowMatmul, int8_linear
+
+    n, k = 640, 1024
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    s = torch.rand(n, device=DEV) * 0.01
+    row = RowMatmul(q, s)
+    xs = [torch.randn(m, k, device=DEV).half() for m in (1, 16)]
+    direct = [row(xs[0]), int8_linear(xs[1], q, s)]
+    direct = [row(xs[0]), int8_linear(xs[1], q, s)]  # the first calls tuned; these launched directly
+    launchers = list(int8_matmul._compiled.values())
+    assert all(l.direct for l in launchers)
+    try:
+        for l in launchers:
+            l.direct = False
+        assert torch.equal(row(xs[0]), direct[0]) and torch.equal(int8_linear(xs[1], q, s), direct[1])
+    finally:
+        for l in launchers:
+            l.direct = True
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_split_k_matmul_is_deterministic(m):
     """On shapes with few output tiles the autotuner may split K; the partial sums are added in a fixed

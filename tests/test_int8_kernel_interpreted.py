@@ -122,3 +122,17 @@ def test_fusion_joins_weights_without_copying_when_back_to_back():
 
     gap = layers([arena[0:16].view(2, 8), arena[24:48].view(3, 8)])  # a hole between them, in a shared buffer
     assert _join(gap) is None
+
+
+def test_wrong_input_width_is_an_error():
+    import torch
+
+    from codecllm.gpu.int8_matmul import RowMatmul, int8_linear
+
+    q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="one row of 8"):
+        RowMatmul(q, s)(torch.zeros(2, 4))  # 8 elements, but not one row of them
+    with pytest.raises(ValueError, match="6 features, the weight 8"):
+        int8_linear(torch.zeros(3, 6), q, s)
+    with pytest.raises(ValueError, match="contiguous"):
+        RowMatmul(q.t().contiguous().t(), s)

@@ -233,11 +233,12 @@ _compiled: dict[tuple, "_Launcher"] = {}
 
 
 class _Launcher:
-    def __init__(self, kernel, config: triton.Config, names: tuple[str, ...], n: int):
-        self.kernel, self.consts = kernel, tuple(config.kwargs[c] for c in names)
-        self.meta_kwargs = config.kwargs
-        kernel._init_handles()
-        self.run, self.function, self.meta = kernel.run, kernel.function, kernel.packed_metadata
+    def __init__(self, jit, compiled, config: triton.Config, names: tuple[str, ...], n: int):
+        self.jit, self.consts = jit, tuple(config.kwargs[c] for c in names)
+        self.meta_kwargs = {c: config.kwargs[c] for c in names}
+        compiled._init_handles()
+        self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
+        self.num_warps, self.num_stages = config.num_warps, config.num_stages
         self.split = config.kwargs["SPLIT_K"]
         self.row_grid = triton.cdiv(n, config.kwargs["BLOCK_N"])  # programs per K split at M = 1
         self.direct = True
@@ -254,7 +255,17 @@ class _Launcher:
                 return
             except TypeError:  # another Triton's launcher signature: take the public path from now on
                 self.direct = False
-        self.kernel[grid](*tensors(), *self.consts)
+        self.jit[grid](*tensors(), **self.meta_kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def tuned_configs() -> list[str]:
+    """What the autotuner chose so far, one line per kernel and shape (for benchmark records)."""
+    lines = set()
+    for key, l in _compiled.items():
+        kind, (n, k) = ("gemv", key[4:6]) if key[0] == "gemv" else (f"mm M<={key[3]}", key[4])
+        lines.add(f"{kind} N={n} K={k} {key[0 if kind != 'gemv' else 1]}: "
+                  + " ".join(f"{c}={v}" for c, v in l.meta_kwargs.items()) + f" warps={l.num_warps} stages={l.num_stages}")
+    return sorted(lines)
 
 
 def _grid(meta: dict):
@@ -271,12 +282,8 @@ def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: lis
         tuned[lambda meta: _grid(meta)(m, n)](*args, **flags)
         cfg = tuned.best_config
         compiled = kernel.warmup(*args, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(compiled, cfg, names, n)
+        launch = _compiled[key] = _Launcher(kernel, compiled, cfg, names, n)
     return launch
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 class RowMatmul:
@@ -297,11 +304,15 @@ class RowMatmul:
         b = bias if bias is not None else scale  # not read without a bias; any valid pointer
         self.tail = (qweight.data_ptr(), scale.data_ptr(), b.data_ptr())
         self.aligned = tuple(p % 16 == 0 for p in self.tail)
-        self.flags = {"HAS_BIAS": bias is not None}
+        self.has_bias = bias is not None
+        self.flags = {"HAS_BIAS": self.has_bias}
         self.launchers: dict[tuple, _Launcher] = {}  # (x dtype, x stride, x aligned) -> launcher
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype, device=self.device)
+        shape = x.shape
+        if shape[-1] != self.k or x.numel() != self.k:
+            raise ValueError(f"RowMatmul takes one row of {self.k} elements, got shape {tuple(shape)}")
+        y = torch.empty((*shape[:-1], self.n), dtype=x.dtype, device=self.device)
         xp, sx = x.data_ptr(), x.stride(-1)
         if _INTERPRET:
             c = {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
@@ -312,8 +323,8 @@ class RowMatmul:
             return self._first(x, y)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
         scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
-        launch((launch.row_grid, launch.split, 1), stream, (xp, *self.tail, y.data_ptr(), *scratch.ptrs, self.n, self.k, sx, self.flags["HAS_BIAS"]),
-               lambda: (*self._tensors(x, y, scratch), sx, self.flags["HAS_BIAS"]))
+        launch((launch.row_grid, launch.split, 1), stream, (xp, *self.tail, y.data_ptr(), *scratch.ptrs, self.n, self.k, sx, self.has_bias),
+               lambda: (*self._tensors(x, y, scratch), sx, self.has_bias))
         return y
 
     def _tensors(self, x, y, scratch) -> tuple:
@@ -323,7 +334,7 @@ class RowMatmul:
     def _first(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Tune (or find) the kernel for this layout; computes ``y`` on the way."""
         sx, xa = x.stride(-1), x.data_ptr() % 16 == 0
-        key = ("gemv", x.dtype, self.scale.dtype, None if self.bias is None else self.bias.dtype, self.n, self.k, sx, xa,
+        key = ("gemv", x.dtype, self.scale.dtype, self.bias.dtype if self.has_bias else None, self.n, self.k, sx, xa,
                self.aligned, self.index)
         args = [*self._tensors(x, y, _scratch_for(self.device)), sx]
         done = key in _compiled
@@ -334,6 +345,8 @@ class RowMatmul:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., K] @ (qweight[N, K] * scale[N, None]).T + bias[N]`` in ``x``'s dtype."""
     n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m == 1 and qweight.stride() == (k, 1) and scale.is_contiguous() and (bias is None or bias.is_contiguous()):
