@@ -5,8 +5,9 @@ weights decoded before. The first forward runs layer by layer and records the or
 layers are called; after it, consecutive layers are packed into *units* that fill a workspace (each
 workspace holds twice the largest layer), and each unit is decoded with one nvCOMP call. When a forward
 reaches a unit, the next unit's decode starts in the other workspace. Events order the two streams: a
-decode waits until the last matmul that read its workspace is enqueued before it, and a matmul waits for
-its decode. A layer called out of the recorded order decodes its own unit then, so results never depend
+decode into a workspace waits for everything the compute stream had enqueued when the forward moved on
+from that workspace (its matmuls, and the work between them and the next unit's first layer), and a
+matmul waits for its decode. A layer called out of the recorded order decodes its own unit then, so results never depend
 on the order guessed. Prefetches never cross the model's forward: each forward starts and ends with
 both streams joined, so a forward can be captured in a CUDA graph.
 """
