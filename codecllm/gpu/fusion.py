@@ -41,6 +41,7 @@ class SiblingFusion:
         self.run_: list[Int8Linear] = []  # while learning: the current run of calls on one input
         self.last: tuple[torch.Tensor, int] | None = None  # while learning: the last call's input
         self.groups: dict[int, _Group] = {}  # id(first layer) -> its group
+        self.grouped: set[int] = set()  # id() of every layer in a group: a layer joins one group at most
         self.kept: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id(layer) -> (input, version, output)
         for layer in layers:
             layer.runner = self.run
@@ -79,10 +80,11 @@ class SiblingFusion:
 
     def _close(self) -> None:
         run, self.run_ = self.run_, []
-        if len(run) > 1 and id(run[0]) not in self.groups and not any(id(m) in self.groups for m in run):
+        if len(run) > 1 and not any(id(m) in self.grouped for m in run):
             group = _join(run)
             if group is not None:
                 self.groups[id(run[0])] = group
+                self.grouped.update(id(m) for m in run)
 
 
 def _fusable(a: Int8Linear, b: Int8Linear) -> bool:

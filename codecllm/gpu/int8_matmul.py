@@ -233,7 +233,8 @@ _compiled: dict[tuple, "_Launcher"] = {}
 
 
 class _Launcher:
-    def __init__(self, jit, compiled, config: triton.Config, names: tuple[str, ...], n: int):
+    def __init__(self, jit, compiled, config: triton.Config, names: tuple[str, ...], n: int, label: str):
+        self.label = label  # kernel and shape, for records
         self.jit, self.consts = jit, tuple(config.kwargs[c] for c in names)
         self.meta_kwargs = {c: config.kwargs[c] for c in names}
         compiled._init_handles()
@@ -260,12 +261,8 @@ class _Launcher:
 
 def tuned_configs() -> list[str]:
     """What the autotuner chose so far, one line per kernel and shape (for benchmark records)."""
-    lines = set()
-    for key, l in _compiled.items():
-        kind, (n, k) = ("gemv", key[4:6]) if key[0] == "gemv" else (f"mm M<={key[3]}", key[4])
-        lines.add(f"{kind} N={n} K={k} {key[0 if kind != 'gemv' else 1]}: "
-                  + " ".join(f"{c}={v}" for c, v in l.meta_kwargs.items()) + f" warps={l.num_warps} stages={l.num_stages}")
-    return sorted(lines)
+    return sorted({f"{l.label}: " + " ".join(f"{c}={v}" for c, v in l.meta_kwargs.items()) + f" warps={l.num_warps} stages={l.num_stages}"
+                   for l in _compiled.values()})
 
 
 def _grid(meta: dict):
@@ -274,7 +271,7 @@ def _grid(meta: dict):
     return lambda m, n: (triton.cdiv(m, bm) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
-def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, flags: dict, m: int, n: int) -> "_Launcher":
+def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, flags: dict, m: int, n: int, label: str) -> "_Launcher":
     """The launcher of ``kernel``'s best configuration for ``key``; the first call for a key tunes it
     (running the kernel on ``args``, whose results it leaves in place)."""
     launch = _compiled.get(key)
@@ -282,7 +279,7 @@ def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: lis
         tuned[lambda meta: _grid(meta)(m, n)](*args, **flags)
         cfg = tuned.best_config
         compiled = kernel.warmup(*args, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(kernel, compiled, cfg, names, n)
+        launch = _compiled[key] = _Launcher(kernel, compiled, cfg, names, n, label)
     return launch
 
 
@@ -338,7 +335,8 @@ class RowMatmul:
                self.aligned, self.index)
         args = [*self._tensors(x, y, _scratch_for(self.device)), sx]
         done = key in _compiled
-        self.launchers[(x.dtype, sx, xa)] = _tuned_launcher(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, self.flags, 1, self.n)
+        self.launchers[(x.dtype, sx, xa)] = _tuned_launcher(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, self.flags, 1, self.n,
+                                                            f"gemv N={self.n} K={self.k} {x.dtype}")
         return self(x) if done else y
 
 
@@ -367,7 +365,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
            tuple(t.data_ptr() % 16 == 0 for t in tensors[:4]), x2.device.index)
     launch = _compiled.get(key)
     if launch is None:  # tunes, and computes y on the way
-        _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n)
+        _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
     else:
         stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
         launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()), lambda: (*tensors, *ints, *flags.values()))
