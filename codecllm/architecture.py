@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import CodecLLMError
+from .schemes import Scheme, float_modules
 
 
 @contextlib.contextmanager
@@ -67,37 +68,64 @@ def empty_model(config_dict: dict[str, Any], dtype: torch.dtype | None = None) -
     return model
 
 
+def walk(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -> Iterator[tuple[str, nn.Module]]:
+    """The one walker over a model: ``(qualified name, module)`` for every module ``keep(module, name)``
+    accepts (torchao's ``filter_fn`` convention)."""
+    for name, module in model.named_modules():
+        if keep(module, name):
+            yield name, module
+
+
+def stand_in_modules(module: nn.Module, name: str) -> bool:
+    """The filter of modules some scheme has a stand-in for (their exact class: a subclass may compute
+    differently, so it keeps a plain dequantized weight)."""
+    return type(module) in float_modules()
+
+
 @dataclass
 class ModelPlan:
-    """Parameter names by role. ``tied`` maps each tied parameter name to the sorted names sharing it."""
+    """A model's tensors by role. ``tied`` maps each tied parameter name to the sorted names sharing it."""
 
-    linear_weights: dict[str, str] = field(default_factory=dict)  # weight name -> module name
-    embedding_weights: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, tuple[str, nn.Module]] = field(default_factory=dict)  # weight name -> (module name, module)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter and buffer
+    parameters: list[str] = field(default_factory=list)
     tied: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sensitive: set[str] = field(default_factory=set)
 
-    def quantizable(self, name: str, skip: tuple[str, ...], quantize_sensitive: bool = False) -> bool:
-        """Whether weight ``name`` (and every parameter tied to it) may be quantized per output channel."""
+    def matches(self, pattern: str) -> bool:
+        """Whether glob ``pattern`` names any module a scheme could quantize."""
+        return any(fnmatch.fnmatchcase(m, pattern) for m, _ in self.modules.values())
+
+    def scheme_for(self, name: str, w: torch.Tensor, scheme: Scheme, skip: tuple[str, ...], quantize_sensitive: bool = False) -> Scheme | None:
+        """The scheme instance for tensor ``name`` (and every parameter tied to it), or None: keep it exact."""
         group = self.tied.get(name, (name,))
         if not quantize_sensitive and any(n in self.sensitive for n in group):
-            return False
-        if not all(n in self.linear_weights or n in self.embedding_weights for n in group):
-            return False
-        modules = [self.linear_weights.get(n) or self.embedding_weights[n] for n in group]
-        return not any(fnmatch.fnmatchcase(m, pat) for m in modules for pat in skip)
+            return None
+        if not all(n in self.modules for n in group):
+            return None
+        modules = [self.modules[n] for n in group]
+        if any(fnmatch.fnmatchcase(m, pat) for m, _ in modules for pat in skip):
+            return None
+        chosen = {scheme.for_module(mod) for _, mod in modules}
+        if len(chosen) != 1:
+            return None
+        s = chosen.pop()
+        ok = all(s.applies_to(mod, "weight", tuple(w.shape), w.is_floating_point()) for _, mod in modules)
+        return s if ok else None
 
 
 def plan(model: nn.Module) -> ModelPlan:
     p = ModelPlan()
-    for mname, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            p.linear_weights[f"{mname}.weight" if mname else "weight"] = mname
-        elif isinstance(module, nn.Embedding):
-            p.embedding_weights[f"{mname}.weight" if mname else "weight"] = mname
+    for mname, module in walk(model, stand_in_modules):
+        p.modules[f"{mname}.weight" if mname else "weight"] = (mname, module)
     p.sensitive = _edge_outputs(model)
     by_id: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name)
+        p.shapes[name] = tuple(param.shape)
+        p.parameters.append(name)
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        p.shapes[name] = tuple(buf.shape)
     for names in by_id.values():
         if len(names) > 1:
             group = tuple(sorted(names))
@@ -121,7 +149,7 @@ def _edge_outputs(model: nn.Module) -> set[str]:
     names = {id(m): n for n, m in model.named_modules()}
     out = set()
     for block in (blocks[0], blocks[-1]):
-        linears = [names[id(m)] for m in block.modules() if isinstance(m, nn.Linear)]
+        linears = [names[id(m)] for m in block.modules() if type(m) in float_modules() and not isinstance(m, nn.Embedding)]
         if linears:
             out.add(f"{linears[-1]}.weight")
     return out

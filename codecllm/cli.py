@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from .codecs import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
+from . import __version__
+from .codecs import DEFAULT_CHUNK_SIZE, codec_ids
 from .errors import CodecLLMError
 from .schemes import scheme_ids
 
@@ -56,14 +57,20 @@ class _SizeType(click.ParamType):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .cllm file to write.")
-@click.option("--quant", type=click.Choice(scheme_ids()), default="int8", show_default=True, help="Quantization of Linear and Embedding weights.")
+@click.option("--quant", type=click.Choice(scheme_ids()), default="int8", show_default=True,
+              help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
+@click.option("--codec", type=click.Choice(codec_ids()), default="zstd", show_default=True,
+              help="Entropy codec of the stored parts (raw: uncompressed).")
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")
-@click.option("--level", type=int, default=DEFAULT_LEVEL, show_default=True, help="zstd compression level (1-22).")
+@click.option("--level", type=int, default=None, help="Codec level (zstd: 1-22, default 3).")
 @click.option("--skip", multiple=True, metavar="PATTERN", help="Keep modules matching this glob unquantized (repeatable), e.g. 'lm_head' or 'model.embed_tokens'.")
 @click.option("--quantize-all", is_flag=True, help="Also quantize the MLP output projections of the first and last blocks.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, force, as_json):
+@click.option("--hf-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a directory that transformers' from_pretrained loads (after `import codecllm`).")
+@click.version_option(__version__, "--version", prog_name="codecllm-convert")
+def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
 
@@ -77,13 +84,20 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
             bar = click.progressbar(length=total, label="converting", file=sys.stderr)
             bar.__enter__()
             progress = lambda name, n: bar.update(n)  # noqa: E731
-        summary = convert(source, output, quant=quant, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all, force=force, progress=progress)
+        summary = convert(source, output, quant=quant, codec=codec, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all,
+                          force=force, progress=progress)
+        if hf_dir is not None:
+            from .hf import write_hf_dir
+
+            write_hf_dir(output, hf_dir, force=force)
     except CodecLLMError as e:
         _fail(e)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     data = summary.to_json()
+    for w in summary.warnings:
+        click.echo(f"warning: {_escape(w)}", err=True)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -101,7 +115,8 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
         f"{quant} weights: {q['ratio']:.3f}x of their original bytes; the order-0 entropy bound of the encoded "
         f"bytes is {q['bound_ratio']:.3f}x ({q['ratio'] / max(q['bound_ratio'], 1e-9):.1%} of it reached)"
     )
-    click.echo(f"{data['seconds']:.2f} s -> {output}")
+    click.echo(f"{data['bits_per_weight']:.2f} bits per weight over all tensors")
+    click.echo(f"{data['seconds']:.2f} s -> {output}" + (f" (and {hf_dir}/)" if hf_dir else ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,6 +124,7 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--verify", is_flag=True, help="Decode every tensor and check both checksums.")
 @click.option("--no-tensors", is_flag=True, help="Leave out the per-tensor table.")
+@click.version_option(__version__, "--version", prog_name="codecllm-dump")
 def dump_cmd(file, as_json, verify, no_tensors):
     """Show the header of a .cllm FILE: format, model, embedded files and tensors."""
     from .dump import describe
@@ -130,17 +146,17 @@ def dump_cmd(file, as_json, verify, no_tensors):
         click.echo(f"alias: {_escape(alias)} -> {_escape(target)}")
     if "tensors" in info:
         width = max([len(_escape(r["name"])) for r in info["tensors"]] + [4])
-        click.echo(f"{'name':<{width}}  {'shape':<14}{'scheme':<8}{'codec':<6}{'chunks':>7}{'bytes':>12}{'stored':>12}{'ratio':>8}")
+        click.echo(f"{'name':<{width}}  {'shape':<14}{'scheme':<18}{'codec':<6}{'chunks':>7}{'bytes':>12}{'stored':>12}{'ratio':>8}{'bits/w':>8}")
         for r in info["tensors"]:
             shape = "x".join(map(str, r["shape"]))
             click.echo(
-                f"{_escape(r['name']):<{width}}  {shape:<14}{r['scheme']:<8}{r['codec']:<6}{r['chunks']:>7}"
-                f"{r['bytes_original']:>12}{r['bytes_stored']:>12}{r['ratio']:>7.2f}x"
+                f"{_escape(r['name']):<{width}}  {shape:<14}{_escape(r['scheme']):<18}{r['codec']:<6}{r['chunks']:>7}"
+                f"{r['bytes_original']:>12}{r['bytes_stored']:>12}{r['ratio']:>7.2f}x{r['bits_per_weight']:>8.2f}"
             )
     t = info["totals"]
     click.echo(
-        f"total: {t['tensors']} tensors, {t['bytes_original']} bytes -> {t['bytes_stored']} stored ({t['ratio']:.2f}x), "
-        f"embedded files {t['bytes_files']} bytes"
+        f"total: {t['tensors']} tensors, {t['bytes_original']} bytes -> {t['bytes_stored']} stored ({t['ratio']:.2f}x, "
+        f"{t['bits_per_weight']:.2f} bits per weight), embedded files {t['bytes_files']} bytes"
     )
     if verify:
         click.echo("verify: every tensor decoded and both checksums match")

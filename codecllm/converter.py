@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .architecture import empty_model, plan
-from .codecs import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, encode, get_codec
+from .architecture import ModelPlan, empty_model, plan
+from .codecs import DEFAULT_CHUNK_SIZE, get_codec
+from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
-from .format import FILE_PREFIX, Document, Entry, Record, build_header, dtype_name, sha256
-from .schemes import get_scheme
+from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
+from .schemes import Scheme, get_scheme
 from .source import Checkpoint
-
-SCALE_SUFFIX = "#scale"
 
 
 @dataclass
@@ -38,12 +37,17 @@ class TensorSummary:
     shape: list[int]
     dtype: str
     scheme: str
-    codec: str
+    codec: str  # the main part's
     chunks: int
     bytes_in: int  # the original tensor
-    bytes_encoded: int  # after quantization, before the codec
-    bytes_out: int  # stored payload plus side tensors
-    entropy_bytes: float  # order-0 entropy bound of the encoded bytes
+    bytes_encoded: int  # every part, after quantization, before the codec
+    bytes_out: int  # every part as stored
+    entropy_bytes: float  # order-0 entropy bound of the encoded bytes of the main part, plus the other parts
+    lossless: bool = True
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes_out / max(math.prod(self.shape), 1)
 
 
 @dataclass
@@ -55,29 +59,35 @@ class Summary:
     quant: str
     codec: str
     chunk_size: int
-    level: int
+    options: dict
     seconds: float = 0.0
     file_bytes: int = 0
     tensors: list[TensorSummary] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # checkpoint tensors the model does not have
+    warnings: list[str] = field(default_factory=list)
 
-    def totals(self, only_scheme: str | None = None) -> dict[str, float]:
-        ts = [t for t in self.tensors if only_scheme is None or t.scheme == only_scheme]
+    def totals(self, lossy_only: bool = False) -> dict[str, float]:
+        ts = [t for t in self.tensors if not lossy_only or not t.lossless]
         out = {k: sum(getattr(t, k) for t in ts) for k in ("bytes_in", "bytes_encoded", "bytes_out", "entropy_bytes")}
         out["tensors"] = len(ts)
         return out
 
     def to_json(self) -> dict:
-        quantized = self.totals(self.quant) if self.quant != "none" else self.totals()
+        quantized = self.totals(lossy_only=True)
+        if not quantized["tensors"]:
+            quantized = self.totals()
+        weights = sum(math.prod(t.shape) for t in self.tensors)
         return {
             "source": self.source,
             "output": self.output,
             "quant": self.quant,
             "codec": self.codec,
             "chunk_size": self.chunk_size,
-            "level": self.level,
+            **self.options,
             "seconds": round(self.seconds, 3),
             "file_bytes": self.file_bytes,
+            "bits_per_weight": 8 * sum(t.bytes_out for t in self.tensors) / max(weights, 1),
             "totals": self.totals(),
             "quantized_weights": {
                 **quantized,
@@ -87,7 +97,9 @@ class Summary:
                 "bound_ratio": quantized["bytes_in"] / max(quantized["entropy_bytes"], 1),
             },
             "aliases": self.aliases,
-            "tensors": [asdict(t) for t in self.tensors],
+            "ignored": self.ignored,
+            "warnings": self.warnings,
+            "tensors": [{**asdict(t), "bits_per_weight": round(t.bits_per_weight, 4)} for t in self.tensors],
         }
 
 
@@ -116,68 +128,64 @@ class _DataWriter:
         return self.pos - begin
 
 
-def _encode_record(
-    w: torch.Tensor, name: str, data_name: str, scheme_id: str, codec_id: str, chunk_size: int, level: int, writer: _DataWriter
-) -> tuple[Record, TensorSummary]:
-    scheme = get_scheme(scheme_id)
-    encoded, sides = scheme.quantize(w)
-    raw = encoded.contiguous().view(torch.uint8).reshape(-1).numpy()
-    codec = get_codec(codec_id)
-    pieces, sizes = encode(codec, memoryview(raw), chunk_size, level)
-    if codec.chunked and sum(sizes) >= raw.nbytes:  # incompressible: keep it as an ordinary tensor
-        codec = get_codec("raw")
-        pieces, sizes = [raw.tobytes()], [raw.nbytes]
-    stored_hash = hashlib.sha256()
+@dataclass
+class _Coding:
+    """The codec, chunk size and codec options of one conversion."""
+
+    codec: str
+    chunk_size: int
+    options: dict
+
+
+def _encode_part(rec_name: str, part_name: str, tensor_name: str, t: torch.Tensor, coding: _Coding, writer: _DataWriter) -> tuple[Part, int, float]:
+    """Store one part: through the codec where that saves bytes, else raw. Returns the part, its stored
+    size and the order-0 entropy bound of its bytes."""
+    raw = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+    codec = get_codec(coding.codec)
+    pieces = codec.encode(memoryview(raw), coding.chunk_size, **coding.options) if codec.chunked else None
+    if pieces is None or sum(len(p) for p in pieces) >= raw.nbytes:  # incompressible: an ordinary tensor
+        codec, pieces = get_codec("raw"), [raw.tobytes()]
+    digest = hashlib.sha256()
     for p in pieces:
-        stored_hash.update(p)
-    enc_dtype = dtype_name(encoded.dtype)
+        digest.update(p)
+    dtype = dtype_name(t.dtype)
     if codec.chunked:
-        stored_bytes = writer.add(data_name, "U8", (sum(sizes),), pieces)
+        stored = writer.add(tensor_name, "U8", (sum(len(p) for p in pieces),), pieces)
     else:
-        stored_bytes = writer.add(data_name, enc_dtype, tuple(w.shape), pieces)
-    del pieces
-    rec = Record(
-        name=name,
-        dtype=dtype_name(w.dtype),
-        shape=tuple(w.shape),
-        scheme=scheme.id,
-        codec=codec.id,
-        data=data_name,
-        encoded_dtype=enc_dtype,
-        sha256_stored=stored_hash.hexdigest(),
-        sha256_decoded=sha256(raw),
-        chunk_size=chunk_size if codec.chunked else None,
-        chunks=sizes if codec.chunked else [],
-    )
-    side_bytes = 0
-    for side, t in sides.items():
-        side_raw = t.contiguous().numpy().tobytes()
-        tname = f"{data_name}{SCALE_SUFFIX}" if side == "scale" else f"{data_name}#{side}"
-        side_bytes += writer.add(tname, dtype_name(t.dtype), tuple(t.shape), [side_raw])
-        rec.sides[side] = {"tensor": tname, "sha256": sha256(side_raw)}
-    summary = TensorSummary(
-        name=name,
-        shape=list(w.shape),
-        dtype=rec.dtype,
-        scheme=scheme.id,
-        codec=codec.id,
-        chunks=len(sizes) if codec.chunked else 0,
-        bytes_in=w.numel() * w.element_size(),
-        bytes_encoded=raw.nbytes,
-        bytes_out=stored_bytes + side_bytes,
-        entropy_bytes=_entropy_bytes(raw),
-    )
+        stored = writer.add(tensor_name, dtype, tuple(t.shape), pieces)
+    decoded = sha256(raw)
+    part = Part(part_name, dtype, tuple(t.shape), tensor_name, codec.id, digest.hexdigest() if codec.chunked else decoded, decoded,
+                coding.chunk_size if codec.chunked else None, [len(p) for p in pieces] if codec.chunked else [])
+    return part, stored, _entropy_bytes(raw)
+
+
+def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme, coding: _Coding, writer: _DataWriter) -> tuple[Record, TensorSummary]:
+    parts = scheme.quantize(w)
+    layout = scheme.layout(dtype_name(w.dtype), tuple(w.shape))
+    rec = Record(name, dtype_name(w.dtype), tuple(w.shape), scheme, {})
+    out = entropy = 0.0
+    for pname, spec in layout.items():
+        t = parts[pname]
+        if (dtype_name(t.dtype), tuple(t.shape)) != (spec.dtype, spec.shape):
+            raise CodecLLMError(f"scheme {scheme!r} produced {pname} as {t.dtype} {list(t.shape)}, its layout says {spec}")
+        tname = stored_name if pname == scheme.main_part else f"{stored_name}#{pname}"
+        rec.parts[pname], stored, ent = _encode_part(name, pname, tname, t, coding, writer)
+        out += stored
+        entropy += ent if pname == scheme.main_part else stored
+    main = rec.main
+    summary = TensorSummary(name, list(w.shape), rec.dtype, repr(scheme), main.codec, len(main.chunks), w.numel() * w.element_size(),
+                            rec.encoded_nbytes, int(out), entropy, scheme.lossless)
     return rec, summary
 
 
-def check_options(quant: str, codec: str, chunk_size: int, level: int) -> None:
-    get_scheme(quant)
-    if not get_codec(codec).chunked:
-        raise CodecLLMError(f"codec {codec!r} is not an entropy codec")
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise CodecLLMError(f"chunk size {chunk_size} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}] bytes")
-    if not 1 <= level <= 22:
-        raise CodecLLMError(f"zstd level {level} outside [1, 22]")
+def check_options(quant: str, codec: str, chunk_size: int, level: int | None) -> tuple[Scheme, _Coding]:
+    """The scheme and the coding asked for; each validates its own parameters."""
+    scheme = get_scheme(quant)
+    c = get_codec(codec)
+    options = c.check_options(**({} if level is None else {"level": level}))
+    if c.chunked:
+        c.check_chunk_size(chunk_size)
+    return scheme, _Coding(c.id, chunk_size, options)
 
 
 def convert(
@@ -187,7 +195,7 @@ def convert(
     quant: str = "int8",
     codec: str = "zstd",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    level: int = DEFAULT_LEVEL,
+    level: int | None = None,
     skip: tuple[str, ...] | list[str] = (),
     quantize_all: bool = False,
     force: bool = False,
@@ -198,14 +206,20 @@ def convert(
     >>> summary = convert("path/to/model", "model.cllm", quant="int8")   # doctest: +SKIP
     >>> summary.to_json()["totals"]["bytes_out"]                          # doctest: +SKIP
 
-    By default the MLP output projections of the first and last blocks stay unquantized (see
-    ``architecture._edge_outputs``); ``quantize_all=True`` quantizes them too. ``skip`` holds glob
-    patterns of module names to keep unquantized. ``progress(name, nbytes)`` is called after each tensor. ``output`` is written atomically: it either
+    ``quant`` is the scheme for the weights of the modules some scheme stands in for (Linear, Conv1D,
+    Embedding); every other tensor is stored bit-exact. By default the MLP output projections of the
+    first and last blocks stay unquantized (see ``architecture._edge_outputs``); ``quantize_all=True``
+    quantizes them too. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
+    matches nothing is reported in ``Summary.warnings``). ``codec`` entropy-codes every part that it
+    shrinks, in chunks of ``chunk_size`` bytes; ``level`` is its level (the codec's default if None).
+    Checkpoint tensors the model does not have (old ``rotary_emb.inv_freq`` buffers) are left out and
+    listed in ``Summary.ignored``; a tensor whose shape disagrees with the config is an error.
+    ``progress(name, nbytes)`` is called after each tensor. ``output`` is written atomically: it either
     appears complete or not at all, and an existing one is replaced only with ``force=True``.
     """
     start = time.perf_counter()
     skip = tuple(skip)
-    check_options(quant, codec, chunk_size, level)
+    scheme, coding = check_options(quant, codec, chunk_size, level)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
@@ -215,10 +229,18 @@ def convert(
         raise CodecLLMError(f"{out.parent}: output directory does not exist")
     ckpt = Checkpoint(source)
     model_plan = plan(empty_model(ckpt.config))
-    summary = Summary(str(source), str(out), quant, codec, chunk_size, level)
+    summary = Summary(str(source), str(out), quant, coding.codec, chunk_size, coding.options)
     tensors: dict[str, Record] = {}
     files: dict[str, Record] = {}
     aliases: dict[str, str] = {}
+    lossless = get_scheme("none")
+    for name, t in ckpt.tensors.items():
+        want = model_plan.shapes.get(name)
+        if want is not None and tuple(t.entry.shape) != want:
+            raise SourceError(f"{name}: the checkpoint holds shape {list(t.entry.shape)}, the config makes {list(want)}")
+    summary.ignored = sorted(n for n in ckpt.tensors if n not in model_plan.shapes)
+    summary.warnings = [f"--skip {pat!r} matches no module" for pat in skip if not model_plan.matches(pat)]
+    summary.warnings += [f"ignored checkpoint tensor {n!r}: the model has no such parameter or buffer" for n in summary.ignored]
 
     data_fd, data_path = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".data")
     final_path = None
@@ -227,21 +249,19 @@ def convert(
             writer = _DataWriter(data_file)
             for fname, fpath in ckpt.embedded_files().items():
                 blob = torch.from_numpy(np.frombuffer(fpath.read_bytes(), dtype=np.uint8).copy())
-                rec, _ = _encode_record(blob, fname, FILE_PREFIX + fname, "none", codec, chunk_size, level, writer)
+                rec, _ = _encode_record(blob, fname, FILE_PREFIX + fname, lossless, coding, writer)
                 files[fname] = rec
             if "config.json" not in files:
                 raise SourceError(f"{ckpt.dir}: config.json could not be embedded")
-            for name in sorted(ckpt.tensors):
+            for name in sorted(n for n in ckpt.tensors if n in model_plan.shapes):
                 group = model_plan.tied.get(name, (name,))
                 stored_peer = next((n for n in group if n in tensors), None)
                 if stored_peer is not None:
                     aliases[name] = stored_peer
                     continue
                 w = ckpt.read(name)
-                scheme_id = "none"
-                if quant != "none" and w.is_floating_point() and w.dim() == 2 and model_plan.quantizable(name, skip, quantize_all):
-                    scheme_id = quant
-                rec, ts = _encode_record(w, name, name, scheme_id, codec, chunk_size, level, writer)
+                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all) or lossless
+                rec, ts = _encode_record(w, name, name, chosen, coding, writer)
                 tensors[name] = rec
                 summary.tensors.append(ts)
                 del w
@@ -253,6 +273,10 @@ def convert(
                     peer = next((n for n in group if n in tensors), None)
                     if peer is not None:
                         aliases[name] = peer
+            missing = [n for n in model_plan.parameters if n not in tensors and n not in aliases]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise SourceError(f"{ckpt.dir}: the checkpoint has no tensor for parameter {missing[0]!r}{more}")
         doc = Document(
             tensors=tensors,
             files=files,
@@ -262,7 +286,8 @@ def convert(
                 "model_type": ckpt.config.get("model_type"),
                 "dtype": _model_dtype(tensors),
             },
-            converter={"codecllm": __version__, "quant": quant, "codec": codec, "chunk_size": chunk_size, "level": level, "skip": list(skip), "quantize_all": quantize_all},
+            converter={"codecllm": __version__, "quant": quant, "codec": coding.codec, "chunk_size": chunk_size, **coding.options,
+                       "skip": list(skip), "quantize_all": quantize_all},
         )
         header = build_header(writer.entries, doc)
         final_fd, final_path = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")

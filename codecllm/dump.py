@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import os
 
-from .format import DTYPES, CllmFile, Record
+from .format import CllmFile, Record
 
 
 def _row(f: CllmFile, rec: Record) -> dict:
-    stored = f.entries[rec.data].nbytes
-    sides = sum(f.entries[s["tensor"]].nbytes for s in rec.sides.values())
-    original = rec.numel * DTYPES[rec.dtype][1]
+    stored = sum(f.entries[p.tensor].nbytes for p in rec.parts.values())
     return {
         "name": rec.name,
         "shape": list(rec.shape),
         "dtype": rec.dtype,
-        "scheme": rec.scheme,
-        "codec": rec.codec,
-        "chunks": len(rec.chunks),
-        "bytes_original": original,
+        "scheme": repr(rec.scheme),
+        "codec": rec.main.codec,
+        "chunks": len(rec.main.chunks),
+        "parts": {n: {"dtype": p.dtype, "shape": list(p.shape), "codec": p.codec, "bytes_stored": f.entries[p.tensor].nbytes}
+                  for n, p in rec.parts.items()},
+        "bytes_original": rec.nbytes,
         "bytes_encoded": rec.encoded_nbytes,
-        "bytes_stored": stored + sides,
-        "ratio": original / max(stored + sides, 1),
+        "bytes_stored": stored,
+        "ratio": rec.nbytes / max(stored, 1),
+        "bits_per_weight": 8 * stored / max(rec.numel, 1),
     }
 
 
@@ -31,12 +32,10 @@ def describe(path: str | os.PathLike, verify: bool = False, tensors: bool = True
     are checked (a failure raises ``ChecksumError``/``DecodeError``)."""
     with CllmFile(path) as f:
         rows = [_row(f, r) for r in f.doc.tensors.values()]
-        files = {n: {"bytes": r.numel, "bytes_stored": f.entries[r.data].nbytes, "codec": r.codec} for n, r in f.doc.files.items()}
+        files = {n: {"bytes": r.numel, "bytes_stored": f.entries[r.main.tensor].nbytes, "codec": r.main.codec} for n, r in f.doc.files.items()}
         if verify:
             for r in [*f.doc.files.values(), *f.doc.tensors.values()]:
-                f.decode(r, verify=True)
-                for side in r.sides:
-                    f.read_side(r, side)
+                f.read_tensor(r)
         totals = {
             "tensors": len(rows),
             "bytes_original": sum(r["bytes_original"] for r in rows),
@@ -45,6 +44,7 @@ def describe(path: str | os.PathLike, verify: bool = False, tensors: bool = True
             "bytes_files": sum(v["bytes_stored"] for v in files.values()),
         }
         totals["ratio"] = totals["bytes_original"] / max(totals["bytes_stored"], 1)
+        totals["bits_per_weight"] = 8 * totals["bytes_stored"] / max(sum(r.numel for r in f.doc.tensors.values()), 1)
         out = {
             "path": os.fspath(path),
             "format_version": f.doc.version,

@@ -1,6 +1,12 @@
-"""``.cllm`` -> a ready transformers model whose Linear weights stay quantized (resident) or compressed
-(stream). The model is built empty from the embedded config, quantized modules take the place of the
-Linear layers, and every other tensor is decoded straight into place: no weight is allocated twice.
+"""``.cllm`` -> a ready transformers model whose weights stay quantized (``mode="resident"``) or compressed
+(``mode="stream"``).
+
+The model is built empty (parameters on the meta device) from the embedded config. One walk over the
+file's records, in the model's parameter order, puts each tensor in place: where the record's scheme has
+a stand-in for the module on the chosen backend, the stand-in takes the module's place; otherwise the
+module gets a plain (dequantized) tensor. A *backend* chosen once per load (``CpuBackend`` here,
+``codecllm.gpu.backend.CudaBackend`` on CUDA) decodes parts onto its device and sets up stream layers.
+No weight is allocated twice.
 """
 
 from __future__ import annotations
@@ -14,12 +20,36 @@ import torch
 from torch import nn
 
 from .architecture import empty_model
+from .dtypes import FLOAT_DTYPES, torch_dtype
 from .errors import CodecLLMError, DeviceError, FormatError
-from .format import DTYPES, CllmFile, Record
-from .modules import Int8Embedding, Int8Linear, StreamLinear
+from .format import CllmFile, Record
+from .qmodules import CpuWorkspace
 
 MODES = ("resident", "stream")
 TOKENIZER_FILES_EXCLUDED = ("config.json", "generation_config.json")
+
+
+class CpuBackend:
+    """Decodes parts with the codecs' CPU decoders; stream layers keep the file's payloads in memory."""
+
+    name = "cpu"
+
+    def __init__(self, f: CllmFile, device: torch.device):
+        self.f, self.device = f, device
+        self.workspace = CpuWorkspace()
+
+    def reserve(self, records: list[Record]) -> None:
+        pass
+
+    def read_parts(self, rec: Record, skip: str | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.f.read_part(rec, p) for n, p in rec.parts.items() if n != skip}
+
+    def stream(self, layer: nn.Module, rec: Record) -> None:
+        main = rec.main
+        layer.set_stream(rec.scheme.main_part, torch.from_numpy(self.f.read_stored(rec, main)), main, self.workspace)
+
+    def finish(self, model: nn.Module) -> None:
+        pass
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -37,12 +67,33 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _backend(f: CllmFile, dev: torch.device, gpu_stream_codec: str):
+    if dev.type == "cuda":
+        from .gpu.backend import CudaBackend
+
+        return CudaBackend(f, dev, gpu_stream_codec)
+    return CpuBackend(f, dev)
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     mpath, _, attr = name.rpartition(".")
     try:
-        return (model.get_submodule(mpath) if mpath else model), attr
+        module = model.get_submodule(mpath) if mpath else model
     except AttributeError:
-        raise FormatError(f"tensor {name!r} names no module of {type(model).__name__}") from None
+        module = None
+    if module is None or not (attr in module._parameters or attr in module._buffers):
+        raise FormatError(f"tensor {name!r} names no parameter or buffer of {type(model).__name__}")
+    return module, attr
+
+
+def default_dtype(f: CllmFile, dev: torch.device) -> torch.dtype:
+    """The dtype most floating-point weights had, except that float16/bfloat16 models compute in float32
+    on the CPU (CPU half-precision matmuls are slow and round more)."""
+    name = f.doc.model.get("dtype")
+    dtype = torch_dtype(name) if name in FLOAT_DTYPES else torch.float32
+    if dev.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return dtype
 
 
 def load(
@@ -54,10 +105,9 @@ def load(
 ) -> nn.Module:
     """Load a ``.cllm`` file as a transformers model in eval mode.
 
-    ``mode="resident"`` keeps Linear weights int8 (decoded once at load); ``mode="stream"`` keeps them
-    entropy-coded and decodes each just before use. ``dtype`` is the compute dtype; by default the dtype
-    the original weights had, except that float16/bfloat16 models compute in float32 on the CPU (CPU
-    half-precision matmuls are slow and round more). On CUDA, decoding runs on the GPU with nvCOMP and
+    ``mode="resident"`` keeps weights in their scheme's encoding (int8 codes, decoded once at load);
+    ``mode="stream"`` keeps Linear weights entropy-coded and decodes each just before use. ``dtype`` is
+    the compute dtype (``default_dtype`` if None). On CUDA, decoding runs on the GPU with nvCOMP and
     ``gpu_stream_codec`` chooses how stream mode keeps weights in GPU memory: ``"ans"`` (re-encoded at
     load, decodes fastest) or ``"zstd"`` (the file's own frames).
 
@@ -68,104 +118,116 @@ def load(
         raise CodecLLMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     dev = _device(device)
     with CllmFile(path) as f:
-        doc = f.doc
-        if "config.json" not in doc.files:
-            raise FormatError(f"{path}: no embedded config.json")
+        dtype = dtype or default_dtype(f, dev)
+        model = empty_model(f.config(), dtype)
+        _fill(model, f, dev, mode, dtype, gpu_stream_codec)
+    return model
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", mode: str = "resident",
+              dtype: torch.dtype | None = None, gpu_stream_codec: str = "ans") -> nn.Module:
+    """Fill ``model`` (built from the file's config, parameters on the meta device, as transformers builds
+    it before loading weights) from the ``.cllm`` file in place; returns it."""
+    if mode not in MODES:
+        raise CodecLLMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    dev = _device(device)
+    with CllmFile(path) as f:
+        _fill(model, f, dev, mode, dtype or default_dtype(f, dev), gpu_stream_codec)
+    return model
+
+
+def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: torch.dtype, gpu_stream_codec: str) -> None:
+    doc = f.doc
+    backend = _backend(f, dev, gpu_stream_codec)
+    names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
+    for alias, target in doc.aliases.items():
+        names_of[target].append(alias)
+    order = _in_model_order(model, doc, names_of)
+    targets = {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
+    streamed = _streamed(doc, targets, backend.name) if mode == "stream" else set()
+    backend.reserve([r for r in order if r.name not in streamed])
+    for rec in order:
+        _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
+    if "generation_config.json" in doc.files:
+        from transformers import GenerationConfig
+
         try:
-            config = json.loads(f.read_file("config.json"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FormatError(f"{path}: embedded config.json is not valid JSON") from None
-        if dtype is None:
-            dtype = DTYPES.get(doc.model.get("dtype"), (torch.float32,))[0]
-            if dev.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-                dtype = torch.float32
-        model = empty_model(config, dtype)
-        decoder = None
-        if dev.type == "cuda":
-            from .gpu.loader import GpuDecoder
-
-            decoder = GpuDecoder(f, dev, gpu_stream_codec)
-        names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
-        for alias, target in doc.aliases.items():
-            names_of[target].append(alias)
-        streamed = _streamed(model, doc, names_of) if mode == "stream" else set()
-        if decoder is not None:  # one allocation for every tensor decoded at load
-            decoder.reserve([r.encoded_nbytes for n, r in doc.tensors.items() if n not in streamed])
-        state: dict[str, torch.Tensor] = {}
-        for rec in _in_model_order(model, doc, names_of):
-            _place(model, f, rec, names_of[rec.name], rec.name in streamed, dev, dtype, state, decoder)
-        if "generation_config.json" in doc.files:
-            from transformers import GenerationConfig
-
             model.generation_config = GenerationConfig.from_dict(json.loads(f.read_file("generation_config.json")))
-    model.load_state_dict(state, strict=False, assign=True)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise FormatError(f"{f.path}: embedded generation_config.json is not a valid generation config") from None
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.device.type == "meta"]
     if missing:
-        raise FormatError(f"{path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.to(dev)
+        raise FormatError(f"{f.path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
     model.eval()
-    if decoder is not None:
-        decoder.finish(model)
-    return model
+    backend.finish(model)
 
 
 def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
     """The file's records in the order the model registers their parameters: decoded in this order, the
-    weights of layers registered together (a block's q/k/v, its gate/up) lie back to back in GPU memory,
-    which lets ``codecllm.gpu.fusion`` view them as one matrix."""
+    weights of layers registered together (a block's q/k/v, its gate/up) lie back to back in device
+    memory, which lets sibling layers run as one matmul (``codecllm.gpu.fusion``)."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
     position = {n: i for i, n in enumerate(names)}
     return sorted(doc.tensors.values(), key=lambda r: min(position.get(n, len(position)) for n in names_of[r.name]))
 
 
-def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:
-    """The records stream mode keeps compressed: Linear weights (not tied to an embedding) with a chunked
-    codec. The decode workspaces are as large as the largest streamed weight, so two kinds stay resident:
-    a weight far larger than the typical one (an untied vocabulary projection), and, in a quantized
-    model, an unquantized weight larger than every quantized one (an fp16 layer kept for accuracy): either
-    would grow the workspaces by more than its compression saves."""
+def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
+    """The records stream mode keeps compressed: weights whose every module has a stream stand-in for the
+    record's scheme and whose main part is entropy-coded. The decode workspaces are as large as the
+    largest streamed weight, so two kinds stay resident: a weight far larger than the typical one (an
+    untied vocabulary projection) and, in a quantized model, a lossless weight larger than every
+    quantized one (a float layer kept for accuracy): either would grow the workspaces by more than its
+    compression saves."""
+    from .codecs import get_codec
+
     candidates = {}
     for name, rec in doc.tensors.items():
-        mods = [_parent(model, n) for n in names_of[name]]
-        if rec.codec != "raw" and all(isinstance(m, nn.Linear) and a == "weight" for m, a in mods):
-            candidates[name] = rec.encoded_nbytes
+        mods = targets[name]
+        if get_codec(rec.main.codec).chunked and all(a == "weight" and rec.scheme.stand_in(m, f"{backend}-stream") for _, m, a in mods):
+            candidates[name] = rec.main.nbytes
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
         ranked.pop(0)  # the workspace would be sized for this one weight alone
-    quantized = [candidates[n] for n in ranked if doc.tensors[n].scheme != "none"]
-    if quantized:
-        ranked = [n for n in ranked if candidates[n] <= max(quantized)]
+    lossy = [candidates[n] for n in ranked if not doc.tensors[n].scheme.lossless]
+    if lossy:
+        ranked = [n for n in ranked if candidates[n] <= max(lossy)]
     return set(ranked)
 
 
-def _place(model, f: CllmFile, rec: Record, names: list[str], stream: bool, dev, dtype, state, decoder) -> None:
-    """Put one stored tensor (under each of its names) into the model."""
-    modules = {n: _parent(model, n) for n in names}
-    decode = decoder.decode if decoder is not None else f.decode
-    if rec.scheme == "none" and not stream:
-        t = decode(rec)
-        t = t.to(dtype) if t.is_floating_point() else t
-        for n in names:
-            state[n] = t
-        return
-    scale = f.read_side(rec, "scale").to(dev) if "scale" in rec.sides else None
-    quantized = None if stream else decode(rec)
-    for name, (old, attr) in modules.items():
-        if attr != "weight" or not isinstance(old, (nn.Linear, nn.Embedding)):
-            raise FormatError(f"tensor {name!r} is quantized but is no Linear or Embedding weight")
-        parent, leaf = _parent(model, name.rpartition(".")[0])
-        if stream and decoder is not None:
-            new = decoder.stream_linear(rec, scale, old.bias)
-        elif stream:
-            new = StreamLinear(torch.from_numpy(f.read_stored(rec)), rec, scale, old.bias, dtype)
-        elif isinstance(old, nn.Linear):
-            new = Int8Linear(quantized, scale, old.bias)
-        elif type(old) is nn.Embedding:
-            new = Int8Embedding(quantized, scale, old.padding_idx, dtype)
-        else:  # an Embedding subclass may scale or offset: give it a plain dequantized weight
-            state[name] = (quantized.to(torch.float32) * scale.to(quantized.device)[:, None]).to(dtype)
+def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: torch.dtype) -> None:
+    """Put one stored tensor (under each of its names) into the model. Modules are looked up now: a
+    Linear's bias may go to the stand-in that replaced it."""
+    key = backend.name + ("-stream" if stream else "")
+    targets = [(n, *_parent(model, n)) for n in names]
+    stand_ins = [rec.scheme.stand_in(m, key) if a == "weight" else None for _, m, a in targets]
+    parts = backend.read_parts(rec, skip=rec.scheme.main_part if stream else None)
+    dense = owner = None
+    for (name, module, attr), cls in zip(targets, stand_ins):
+        if cls is None:  # a plain tensor: the original, or dequantized (shared by tied names)
+            if dense is None:
+                dense = rec.scheme.dequantize(parts, dtype if rec.dtype in FLOAT_DTYPES else None)
+                if attr in module._parameters:
+                    dense = nn.Parameter(dense, requires_grad=False)
+            if attr in module._parameters:
+                module._parameters[attr] = dense
+            else:
+                module._buffers[attr] = dense
             continue
+        new = cls.from_float(module, rec.scheme, parts, dtype, backend.device)
+        if stream:
+            backend.stream(new, rec)
+        if owner is None:
+            owner = new
+        else:  # tied: one weight, as transformers ties them
+            new.weight = owner.weight
+        parent, leaf = _parent_module(model, name.rpartition(".")[0])
         setattr(parent, leaf, new)
+
+
+def _parent_module(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
+    mpath, _, leaf = module_name.rpartition(".")
+    return (model.get_submodule(mpath) if mpath else model), leaf
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -173,8 +235,9 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     with CllmFile(path) as f, tempfile.TemporaryDirectory(prefix="codecllm-tok-") as tmp:
+        names = [n for n in f.doc.files if n not in TOKENIZER_FILES_EXCLUDED]
+        if not any(n.startswith("tokenizer") or n.endswith((".model", ".tiktoken")) or n in ("vocab.json", "vocab.txt") for n in names):
+            raise CodecLLMError(f"{path}: the file embeds no tokenizer (convert a model directory that has one)")
         for name in f.doc.files:
-            if os.sep in name or name.startswith(".") or "/" in name:
-                raise FormatError(f"{path}: embedded file name {name!r} is not a plain file name")
             Path(tmp, name).write_bytes(f.read_file(name))
         return AutoTokenizer.from_pretrained(tmp)

@@ -62,7 +62,7 @@ def test_dump_json_totals_equal_file_bytes(runner, tiny_llama, tmp_path):
     t = info["totals"]
     assert info["header_bytes"] + t["bytes_stored"] + t["bytes_files"] == info["file_bytes"] == os.path.getsize(out)
     assert sum(row["bytes_stored"] for row in info["tensors"]) == t["bytes_stored"]
-    assert info["verified"] is True and info["format_version"] == 1
+    assert info["verified"] is True and info["format_version"] == 2
 
 
 def test_dump_table(runner):
@@ -104,7 +104,7 @@ def test_dump_escapes_control_characters(runner, tmp_path):
     evil = "model.norm.weight\x1b[31m\n"
     header[evil] = header.pop("model.norm.weight")
     doc["tensors"][evil] = doc["tensors"].pop("model.norm.weight")
-    doc["tensors"][evil]["data"] = evil
+    doc["tensors"][evil]["parts"]["data"]["tensor"] = evil
     header["__metadata__"] = {"codecllm": json.dumps(doc)}
     h = json.dumps(header).encode()
     (tmp_path / "evil.cllm").write_bytes(struct.pack("<Q", len(h)) + h + data)

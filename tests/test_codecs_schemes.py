@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from codecllm.codecs import chunk_bounds, codec_ids, decode, encode, get_codec
-from codecllm.errors import DecodeError, UnknownCodecError, UnknownSchemeError
+from codecllm.codecs import chunk_bounds, codec_ids, decode_cpu, get_codec
+from codecllm.errors import CodecLLMError, DecodeError, UnknownCodecError, UnknownSchemeError
 from codecllm.schemes import get_scheme, scheme_ids
 
 LINEAR_MIN_SQNR_DB = 38.0  # int8 per output channel on Gaussian weights gives about 40 dB
@@ -20,8 +20,9 @@ def test_codec_round_trip_is_exact(codec_id, nbytes):
     rng = np.random.default_rng(nbytes)
     data = rng.integers(-20, 20, nbytes).astype(np.int8).view(np.uint8)  # compressible, not trivial
     codec = get_codec(codec_id)
-    pieces, sizes = encode(codec, memoryview(data), 4096)
-    out = decode(codec, memoryview(b"".join(pieces)), sizes, 4096, nbytes)
+    pieces = codec.encode(memoryview(data), 4096, **codec.check_options())
+    sizes = [len(p) for p in pieces]
+    out = decode_cpu(codec_id, memoryview(b"".join(pieces)), sizes, 4096, nbytes)
     assert out.tobytes() == data.tobytes()
     if codec.chunked:
         assert len(sizes) == len(chunk_bounds(nbytes, 4096))
@@ -31,47 +32,83 @@ def test_zstd_chunks_are_independent_standard_frames():
     import zstandard
 
     data = np.arange(10000, dtype=np.uint8)
-    pieces, _ = encode(get_codec("zstd"), memoryview(data), 4096)
+    pieces = get_codec("zstd").encode(memoryview(data), 4096)
     assert b"".join(zstandard.ZstdDecompressor().decompress(p) for p in pieces) == data.tobytes()
     assert all(p[:4] == b"\x28\xb5\x2f\xfd" for p in pieces)  # zstd frame magic
 
 
 def test_zstd_corrupt_frame_raises_decode_error():
     data = np.zeros(5000, dtype=np.uint8)
-    pieces, sizes = encode(get_codec("zstd"), memoryview(data), 4096)
+    pieces = get_codec("zstd").encode(memoryview(data), 4096)
+    sizes = [len(p) for p in pieces]
     bad = bytearray(pieces[0])
     bad[5] ^= 0xFF
     with pytest.raises(DecodeError):
-        decode(get_codec("zstd"), memoryview(bytes(bad) + pieces[1]), sizes, 4096, 5000)
+        decode_cpu("zstd", memoryview(bytes(bad) + pieces[1]), sizes, 4096, 5000)
+
+
+def test_zstd_frame_claiming_another_size_is_refused():
+    """A frame that would decode to more bytes than its chunk holds is refused before it is decoded."""
+    pieces = get_codec("zstd").encode(memoryview(np.zeros(8192, dtype=np.uint8)), 8192)
+    with pytest.raises(DecodeError, match="holds 8192 bytes, expected 4096"):
+        decode_cpu("zstd", memoryview(pieces[0]), [len(pieces[0])], 4096, 4096)
+
+
+@pytest.mark.parametrize("options, message", [({"level": 0}, "level"), ({"level": 23}, "level"), ({"level": "3"}, "level"),
+                                              ({"window": 5}, "no option")], ids=["zero", "too-high", "string", "unknown"])
+def test_zstd_validates_its_own_options(options, message):
+    with pytest.raises(CodecLLMError, match=message):
+        get_codec("zstd").check_options(**options)
+    assert get_codec("zstd").check_options() == {"level": 3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
 def test_none_scheme_is_bit_exact(dtype):
     w = torch.randn(33, 17).to(dtype)
-    enc, sides = get_scheme("none").quantize(w)
-    assert sides == {}
-    assert torch.equal(get_scheme("none").dequantize(enc, sides, dtype).view(torch.uint8), w.view(torch.uint8))
+    parts = get_scheme("none").quantize(w)
+    assert list(parts) == ["data"]
+    assert torch.equal(get_scheme("none").dequantize(parts, dtype).view(torch.uint8), w.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
 def test_int8_sqnr_floor_and_bounds(dtype):
     w = torch.randn(256, 512).to(dtype)
-    q, sides = get_scheme("int8").quantize(w)
+    parts = get_scheme("int8").quantize(w)
+    q = parts["qweight"]
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert sides["scale"].shape == (256,) and sides["scale"].dtype == torch.float32
-    back = get_scheme("int8").dequantize(q, sides, torch.float32)
+    assert parts["scale"].shape == (256,) and parts["scale"].dtype == torch.float32
+    back = get_scheme("int8").dequantize(parts, torch.float32)
     assert sqnr_db(w.float(), back) > LINEAR_MIN_SQNR_DB
     # every element within half a step of the original
-    step = sides["scale"][:, None]
+    step = parts["scale"][:, None]
     assert ((back - w.float()).abs() <= step * (0.5 + 1e-4)).all()
 
 
 def test_int8_zero_row_and_large_tensor_blocks():
     w = torch.randn(3000, 1500)
     w[7] = 0
-    q, sides = get_scheme("int8").quantize(w)
-    assert (q[7] == 0).all() and sides["scale"][7] == 1.0
-    assert sqnr_db(w, get_scheme("int8").dequantize(q, sides, torch.float32)) > LINEAR_MIN_SQNR_DB
+    parts = get_scheme("int8").quantize(w)
+    assert (parts["qweight"][7] == 0).all() and parts["scale"][7] == 1.0
+    assert sqnr_db(w, get_scheme("int8").dequantize(parts, torch.float32)) > LINEAR_MIN_SQNR_DB
+
+
+def test_int8_transposed_layout_quantizes_output_channels():
+    """A Conv1D weight is stored [in, out]: encoded transposed, one scale per output column."""
+    w = torch.randn(40, 24)
+    w[:, 3] *= 100  # one loud output channel must not spoil the others' scales
+    s = get_scheme("int8", {"transpose": True})
+    parts = s.quantize(w)
+    assert parts["qweight"].shape == (24, 40) and parts["scale"].shape == (24,)
+    assert {n: (p.dtype, p.shape) for n, p in s.layout("F32", (40, 24)).items()} == {"qweight": ("I8", (24, 40)), "scale": ("F32", (24,))}
+    back = s.dequantize(parts, torch.float32)
+    assert back.shape == w.shape and back.is_contiguous()
+    assert sqnr_db(w[:, :3], back[:, :3]) > LINEAR_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("params", [{"transpose": 1}, {"group": 32}], ids=["wrong-type", "unknown"])
+def test_scheme_params_are_validated(params):
+    with pytest.raises(CodecLLMError):
+        get_scheme("int8", params)
 
 
 def test_registries_have_stable_ids_and_clear_errors():

@@ -8,7 +8,7 @@ from torch import nn
 import codecllm
 from codecllm.errors import CodecLLMError, DeviceError, OutputExistsError, SourceError
 from codecllm.format import CllmFile
-from codecllm.modules import Int8Embedding, Int8Linear, StreamLinear
+from codecllm.schemes.int8 import Int8Embedding, Int8Linear, Int8StreamLinear
 from conftest import llama_config, save_tiny
 
 
@@ -54,10 +54,10 @@ def test_int8_model_matches_original(tiny_llama, tmp_path):
 def test_quantize_all_and_skip(tiny_llama, tmp_path):
     codecllm.convert(tiny_llama, tmp_path / "all.cllm", quantize_all=True, skip=["lm_head", "*.self_attn.q_proj"])
     doc = CllmFile(tmp_path / "all.cllm").doc
-    assert doc.tensors["model.layers.0.mlp.down_proj.weight"].scheme == "int8"
-    assert doc.tensors["lm_head.weight"].scheme == "none"
-    assert {doc.tensors[f"model.layers.{i}.self_attn.q_proj.weight"].scheme for i in range(3)} == {"none"}
-    assert doc.tensors["model.layers.1.self_attn.k_proj.weight"].scheme == "int8"
+    assert doc.tensors["model.layers.0.mlp.down_proj.weight"].scheme.id == "int8"
+    assert doc.tensors["lm_head.weight"].scheme.id == "none"
+    assert {doc.tensors[f"model.layers.{i}.self_attn.q_proj.weight"].scheme.id for i in range(3)} == {"none"}
+    assert doc.tensors["model.layers.1.self_attn.k_proj.weight"].scheme.id == "int8"
 
 
 def test_stream_mode_equals_resident(tiny_llama, tmp_path):
@@ -65,7 +65,7 @@ def test_stream_mode_equals_resident(tiny_llama, tmp_path):
     codecllm.convert(tiny_llama, out, chunk_size=4096)
     resident, stream = codecllm.load(out), codecllm.load(out, mode="stream")
     s = stream.model.layers[1].mlp.up_proj
-    assert isinstance(s, StreamLinear) and (s.in_features, s.out_features, s.bias) == (64, 160, None)
+    assert isinstance(s, Int8StreamLinear) and (s.in_features, s.out_features, s.bias) == (64, 160, None)
     assert s.payload.dtype == torch.uint8 and s.payload.numel() < 64 * 160
     assert torch.equal(logits(resident, IDS), logits(stream, IDS))
     g1 = resident.generate(IDS, max_new_tokens=5, do_sample=False)
@@ -81,6 +81,7 @@ def test_tied_weights_are_stored_once(tiny_llama_tied, tmp_path):
     model = codecllm.load(out)
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, Int8Embedding)
     assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied as transformers ties them
     ref, got = logits(reference(tiny_llama_tied), IDS), logits(model, IDS)
     assert (got - ref).norm() / ref.norm() < 0.02
 
@@ -193,8 +194,8 @@ def test_outsized_linear_stays_resident_in_stream_mode(tmp_path):
     src = save_tiny(tmp_path / "big-vocab", llama_config(vocab_size=4096))
     codecllm.convert(src, tmp_path / "m.cllm")
     model = codecllm.load(tmp_path / "m.cllm", mode="stream")
-    assert isinstance(model.lm_head, Int8Linear)
-    assert isinstance(model.model.layers[1].mlp.up_proj, StreamLinear)
+    assert type(model.lm_head) is Int8Linear
+    assert isinstance(model.model.layers[1].mlp.up_proj, Int8StreamLinear)
 
 
 def test_unquantized_linear_larger_than_quantized_ones_stays_resident_in_stream_mode(tiny_llama, tmp_path):
@@ -204,5 +205,5 @@ def test_unquantized_linear_larger_than_quantized_ones_stays_resident_in_stream_
     model = codecllm.load(tmp_path / "m.cllm", mode="stream")
     layers = model.model.layers
     assert type(layers[0].mlp.down_proj) is nn.Linear and type(layers[-1].mlp.down_proj) is nn.Linear
-    assert isinstance(layers[1].mlp.down_proj, StreamLinear)
+    assert isinstance(layers[1].mlp.down_proj, Int8StreamLinear)
     assert isinstance(model.model.embed_tokens, Int8Embedding)  # untied embeddings are int8 too

@@ -19,26 +19,28 @@ a layer called with anything else computes its own output as usual, so results n
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
-
-from ..modules import Int8Linear
-from .int8_matmul import RowMatmul
 
 MAX_GROUP = 3
 
 
 class _Group:
-    def __init__(self, layers: list[Int8Linear], matmul: RowMatmul):
+    def __init__(self, layers: list[nn.Module], matmul: Callable[[torch.Tensor], torch.Tensor]):
         self.layers, self.matmul = layers, matmul
         self.sizes = [m.out_features for m in layers]
 
 
 class SiblingFusion:
-    def __init__(self, layers: list[Int8Linear]):
+    """Learns groups among layers that are ``fusable`` (their class says so and implements ``can_fuse``,
+    ``join`` and ``plain``: the int8 CUDA stand-in does)."""
+
+    def __init__(self, layers: list[nn.Module]):
         self.layers = layers
         self.learning = True
-        self.run_: list[Int8Linear] = []  # while learning: the current run of calls on one input
+        self.run_: list[nn.Module] = []  # while learning: the current run of calls on one input
         self.last: tuple[torch.Tensor, int] | None = None  # while learning: the last call's input
         self.groups: dict[int, _Group] = {}  # id(first layer) -> its group
         self.grouped: set[int] = set()  # id() of every layer in a group: a layer joins one group at most
@@ -46,7 +48,7 @@ class SiblingFusion:
         for layer in layers:
             layer.runner = self.run
 
-    def run(self, layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.learning:
             self._observe(layer, x)
             return layer.plain(x)
@@ -62,10 +64,10 @@ class SiblingFusion:
             self.kept[id(member)] = (x, version, y)
         return outs[0]
 
-    def _observe(self, layer: Int8Linear, x: torch.Tensor) -> None:
+    def _observe(self, layer: nn.Module, x: torch.Tensor) -> None:
         run = self.run_
         same = self.last is not None and self.last[0] is x and self.last[1] == x._version
-        if same and run and len(run) < MAX_GROUP and layer not in run and _fusable(run[0], layer):
+        if same and run and len(run) < MAX_GROUP and layer not in run and run[0].can_fuse(layer):
             run.append(layer)
         else:
             self._close()
@@ -81,44 +83,15 @@ class SiblingFusion:
     def _close(self) -> None:
         run, self.run_ = self.run_, []
         if len(run) > 1 and not any(id(m) in self.grouped for m in run):
-            group = _join(run)
-            if group is not None:
-                self.groups[id(run[0])] = group
+            matmul = type(run[0]).join(run)
+            if matmul is not None:
+                self.groups[id(run[0])] = _Group(run, matmul)
                 self.grouped.update(id(m) for m in run)
 
 
-def _fusable(a: Int8Linear, b: Int8Linear) -> bool:
-    return (a.in_features == b.in_features and (a.bias is None) == (b.bias is None)
-            and all(m.qweight.is_contiguous() for m in (a, b)) and a.qweight.device == b.qweight.device
-            and (a.bias is None or a.bias.dtype == b.bias.dtype))
-
-
-def _join(run: list[Int8Linear]) -> _Group | None:
-    """Give the layers of ``run`` one weight, scale and bias tensor each (theirs become views), or None."""
-    ws = [m.qweight for m in run]
-    rows, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
-    storage = ws[0].untyped_storage().data_ptr()
-    if all(b.untyped_storage().data_ptr() == storage and b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(ws, ws[1:])):
-        weight = ws[0].as_strided((rows, k), (k, 1))  # back to back already
-    elif all(w.untyped_storage().nbytes() == w.nbytes for w in ws):
-        weight = torch.cat(ws)  # each member's own weight is freed once it points here
-    else:
-        return None
-    scale = torch.cat([m.scale for m in run])
-    bias = torch.cat([m.bias.detach() for m in run]) if run[0].bias is not None else None
-    start = 0
-    for m in run:
-        end = start + m.out_features
-        m.qweight, m.scale = weight[start:end], scale[start:end]
-        if bias is not None:
-            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
-    return _Group(run, RowMatmul(weight, scale, bias))
-
-
 def install(model: nn.Module) -> SiblingFusion | None:
-    """Let the model's CUDA int8 layers learn their groups in the next forward."""
-    layers = [m for m in model.modules() if type(m) is Int8Linear and m.qweight.is_cuda]
+    """Let the model's fusable CUDA layers learn their groups in the next forward."""
+    layers = [m for m in model.modules() if getattr(m, "fusable", False) and m.device.type == "cuda"]
     if len(layers) < 2:
         return None
     fusion = SiblingFusion(layers)

@@ -15,26 +15,24 @@ both streams joined, so a forward can be captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import torch_dtype
 from ..errors import DecodeError
-from ..format import DTYPES, Record
 from . import nvcomp
-from .int8_matmul import RowMatmul, int8_linear
 
 SLOTS = 2
 ALIGN = 256
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
 class _Unit:
     """Consecutive stream layers decoded by one nvCOMP call, each at its offset in a workspace."""
 
-    def __init__(self, layers: list["CudaStreamLinear"], table: nvcomp.ChunkTable, out_ptrs: list[torch.Tensor]):
+    def __init__(self, layers: list["CudaStream"], table: nvcomp.ChunkTable, out_ptrs: list[torch.Tensor]):
         self.layers, self.table, self.out_ptrs = layers, table, out_ptrs
 
 
@@ -44,10 +42,13 @@ class StreamSchedule:
     and the units learned from the first forward."""
 
     def __init__(self):
-        self.layers: list[CudaStreamLinear] = []
+        self.layers: list[CudaStream] = []
         self.workspaces: list[torch.Tensor] = []
         self.temp: torch.Tensor | None = None
-        self.checks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (statuses, actual, expected)
+        # every decode writes its chunks' statuses and decoded sizes into these (the first half for layers
+        # decoded alone, the second for units), checked against ``expected``
+        self.statuses = self.actual = self.expected = None
+        self.unit_pos = 0
         self.side: torch.cuda.Stream | None = None
         self.ready: list[torch.cuda.Event] = []  # decode into slot s done (side stream)
         self.freed: list[torch.cuda.Event] = []  # the compute stream is done with slot s (recorded when it moves on)
@@ -58,9 +59,29 @@ class StreamSchedule:
         self.current: tuple[int, int] | None = None  # (unit or -(layer + 1), slot) the compute stream reads
         self.pending: tuple[int, int] | None = None  # (unit, slot) being prefetched
 
+    def finish(self, model: nn.Module, device: torch.device) -> None:
+        """After load: pack the compressed payloads into one allocation, set up the workspaces, decode
+        every streamed weight once (a bad one fails the load) and hook the model's forward."""
+        layers = self.layers
+        if not layers:
+            return
+        packed = torch.empty(sum(aligned(l.table.comp.numel()) for l in layers), dtype=torch.uint8, device=device)
+        pos = 0
+        for l in layers:
+            n = l.table.comp.numel()
+            l.table.rebase(packed[pos:pos + n])
+            l.payload = l.table.comp
+            pos += aligned(n)
+        self.setup(device)
+        for l in layers:
+            l.table.decode(self.temp, out_ptrs=l.alone[0])
+        self.check()
+        model.register_forward_pre_hook(self.begin_forward)
+        model.register_forward_hook(self.end_forward)
+
     def setup(self, device: torch.device) -> None:
         layers = self.layers
-        self.workspace_bytes = 2 * max(_aligned(l.nbytes) for l in layers)
+        self.workspace_bytes = 2 * max(aligned(l.nbytes) for l in layers)
         self.workspaces = [torch.empty(self.workspace_bytes, dtype=torch.uint8, device=device) for _ in range(SLOTS)]
         self.temp = torch.empty(max(max(l.table.temp_bytes for l in layers), 1), dtype=torch.uint8, device=device)
         self.side = torch.cuda.Stream(device)
@@ -68,13 +89,16 @@ class StreamSchedule:
         self.freed = [torch.cuda.Event() for _ in range(SLOTS)]
         self.unit_of = [-1] * len(layers)
         total = sum(l.table.num_chunks for l in layers)
-        statuses = torch.zeros(total, dtype=torch.int32, device=device)
-        actual = torch.zeros(total, dtype=torch.int64, device=device)
-        self.checks.append((statuses, actual, torch.cat([l.table.out_sizes for l in layers])))
+        self.statuses = torch.zeros(2 * total, dtype=torch.int32, device=device)
+        self.actual = torch.zeros(2 * total, dtype=torch.int64, device=device)
+        self.expected = torch.cat([l.table.out_sizes for l in layers] * 2)
+        self.unit_pos = total
+        self.flag = torch.zeros(1, dtype=torch.bool, device=device)
+        self.flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=True)
         pos = 0
         for l in layers:
             t = l.table
-            t.statuses, t.actual = statuses[pos:pos + t.num_chunks], actual[pos:pos + t.num_chunks]
+            t.statuses, t.actual = self.statuses[pos:pos + t.num_chunks], self.actual[pos:pos + t.num_chunks]
             pos += t.num_chunks
             l.alone = [t.out_table(ws.data_ptr(), l.chunk_size) for ws in self.workspaces]
             l.alone_weights = l.weights = [l.view(ws, 0) for ws in self.workspaces]
@@ -83,18 +107,26 @@ class StreamSchedule:
     # -- forward boundaries (hooks on the model) --
 
     def begin_forward(self, *_) -> None:
-        self.end_forward()
+        if bool(self.flag_host[0]):  # the previous forward saw a failed decode
+            self.check()
+        self._join()
         self.freed_now = [False] * SLOTS
         self.current = None
 
     def end_forward(self, *_) -> None:
-        """Join the side stream's work into the compute stream (a prefetch nobody used included); after
-        the first forward, build the units."""
+        """Join the side stream's work into the compute stream (a prefetch nobody used included); fold
+        every decode's status into the flag the next forward reads (no synchronization); after the first
+        forward, build the units."""
+        self._join()
+        torch.any((self.statuses != 0) | (self.actual != self.expected), dim=0, keepdim=True, out=self.flag)
+        self.flag_host.copy_(self.flag, non_blocking=True)
+        if self.order:
+            self._build_units()
+
+    def _join(self) -> None:
         if self.pending is not None:
             torch.cuda.current_stream().wait_event(self.ready[self.pending[1]])
             self.pending = None
-        if self.order:
-            self._build_units()
 
     def _build_units(self) -> None:
         order, self.order = self.order, None
@@ -105,7 +137,7 @@ class StreamSchedule:
             if i in seen:
                 continue
             seen.add(i)
-            size = _aligned(self.layers[i].nbytes)
+            size = aligned(self.layers[i].nbytes)
             if unit and used + size > self.workspace_bytes:
                 self._add_unit(unit)
                 unit, used = [], 0
@@ -118,16 +150,16 @@ class StreamSchedule:
         layers = [self.layers[i] for i in idx]
         dev = self.workspaces[0].device
         n = sum(l.table.num_chunks for l in layers)
-        statuses = torch.zeros(n, dtype=torch.int32, device=dev)
-        actual = torch.zeros(n, dtype=torch.int64, device=dev)
-        table = nvcomp.ChunkTable.concat([l.table for l in layers], statuses, actual)
-        self.checks.append((statuses, actual, table.out_sizes))
+        p = self.unit_pos
+        table = nvcomp.ChunkTable.concat([l.table for l in layers], self.statuses[p:p + n], self.actual[p:p + n])
+        self.expected[p:p + n] = table.out_sizes
+        self.unit_pos += n
         if table.temp_bytes > self.temp.numel():
             self.temp = torch.empty(table.temp_bytes, dtype=torch.uint8, device=dev)
         out_ptrs, offsets, pos = [], [], 0
         for l in layers:
             offsets.append(pos)
-            pos += _aligned(l.nbytes)
+            pos += aligned(l.nbytes)
         for ws in self.workspaces:
             out_ptrs.append(torch.cat([l.table.out_table(ws.data_ptr() + o, l.chunk_size) for l, o in zip(layers, offsets)]))
         u = len(self.units)
@@ -155,7 +187,7 @@ class StreamSchedule:
             self.pending = None
         return 0 if self.current is None else 1 - self.current[1]
 
-    def weight_for(self, layer: "CudaStreamLinear") -> torch.Tensor:
+    def weight_for(self, layer: "CudaStream") -> torch.Tensor:
         """``layer``'s decoded weight, ready for the compute stream; starts the next unit's decode."""
         i = layer.index
         u = self.unit_of[i]
@@ -190,58 +222,56 @@ class StreamSchedule:
 
     def check(self) -> None:
         """Raise if any decode since load reported an error or a wrong size (synchronizes once)."""
-        if not self.checks:
+        if self.statuses is None:
             return
-        flags = [((s != 0) | (a != e)) for s, a, e in self.checks]
-        if not bool(torch.stack([f.any() for f in flags]).any().item()):
+        bad = (self.statuses != 0) | (self.actual != self.expected)
+        if not bool(bad.any()):
+            self.flag_host.zero_()
             return
-        for (s, a, e), f in zip(self.checks, flags):
-            if f.any():
-                idx = int(torch.nonzero(f)[0])
-                status = int(s[idx])
-                raise DecodeError(
-                    f"nvCOMP failed to decode a streamed weight (chunk {idx}: status "
-                    f"{nvcomp.STATUS_NAMES.get(status, status)}, {int(a[idx])} of {int(e[idx])} bytes)"
-                )
+        idx = int(torch.nonzero(bad)[0])
+        status = int(self.statuses[idx])
+        raise DecodeError(
+            f"nvCOMP failed to decode a streamed weight (chunk {idx}: status "
+            f"{nvcomp.STATUS_NAMES.get(status, status)}, {int(self.actual[idx])} of {int(self.expected[idx])} bytes)"
+        )
 
 
-class CudaStreamLinear(nn.Module):
-    """A Linear layer whose weight stays compressed in GPU memory and is decoded before use into a
-    workspace it shares with the model's other stream layers (see ``StreamSchedule``)."""
+class CudaStream:
+    """Mixin for a stand-in whose main part stays compressed in GPU memory and is decoded before use into
+    a workspace it shares with the model's other stream layers (see ``StreamSchedule``); its other parts
+    (built with the stand-in) are resident."""
 
-    def __init__(self, table: nvcomp.ChunkTable, rec: Record, scale: torch.Tensor | None, bias, schedule: StreamSchedule):
-        super().__init__()
-        self.out_features, self.in_features = rec.shape
+    fusable = False
+
+    def set_stream(self, table: nvcomp.ChunkTable, part, schedule: StreamSchedule) -> None:
         self.table = table
-        self.scheme = rec.scheme
-        self.encoded_dtype = DTYPES[rec.encoded_dtype][0]
-        self.nbytes = rec.encoded_nbytes
-        self.chunk_size = rec.chunk_size
+        self.main_part = part.name
+        self.main_dtype, self.main_shape = torch_dtype(part.dtype), part.shape
+        self.nbytes = part.nbytes
+        self.chunk_size = part.chunk_size
         self.schedule = schedule
         self.register_buffer("payload", table.comp, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.bias = bias
         self.alone: list[torch.Tensor] = []  # per slot: output pointers when decoded alone (offset 0)
-        self.alone_weights: list[torch.Tensor] = []  # per slot: the weight's view when decoded alone
-        self.weights: list[torch.Tensor] = []  # per slot: the weight's view where its unit puts it
-        self.rows: dict[int, RowMatmul] = {}  # id(weight view) -> its prepared one-row matmul
+        self.alone_weights: list[torch.Tensor] = []  # per slot: the part's view when decoded alone
+        self.weights: list[torch.Tensor] = []  # per slot: the part's view where its unit puts it
         self.index = len(schedule.layers)
         schedule.layers.append(self)
 
     def view(self, workspace: torch.Tensor, offset: int) -> torch.Tensor:
-        return workspace[offset:offset + self.nbytes].view(self.encoded_dtype).view(self.out_features, self.in_features)
+        return workspace[offset:offset + self.nbytes].view(self.main_dtype).view(self.main_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.schedule.weight_for(self)
-        if self.scheme != "int8":
-            return F.linear(x, w.to(x.dtype), self.bias)
-        if x.numel() != self.in_features:
-            return int8_linear(x, w, self.scale, self.bias)
-        row = self.rows.get(id(w))
-        if row is None or row.scale is not self.scale or row.bias is not self.bias:
-            row = self.rows[id(w)] = RowMatmul(w, self.scale, self.bias)
-        return row(x)
+    def parts(self) -> dict[str, torch.Tensor]:
+        parts = {n: self._buffers[n] for n in self.part_names}
+        parts[self.main_part] = self.schedule.weight_for(self)
+        return parts
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight decoded into a buffer of its own (not the shared workspace)."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        self.table.decode(self.schedule.temp, out_ptrs=self.table.out_table(out.data_ptr(), self.chunk_size))
+        parts = {n: self._buffers[n] for n in self.part_names}
+        parts[self.main_part] = out.view(self.main_dtype).view(self.main_shape)
+        return self.scheme.dequantize(parts, self.compute_dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.scheme}+{self.table.algo.name} on GPU")
+        return super().extra_repr() + f", stream {self.table.algo.name} on GPU"

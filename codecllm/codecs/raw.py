@@ -1,0 +1,25 @@
+"""``raw``: the bytes as they are, stored as an ordinary typed safetensors tensor (readable by any
+safetensors reader)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DecodeError
+from . import Codec, register, register_decoder
+
+
+@register
+class Raw(Codec):
+    id = "raw"
+    chunked = False
+
+    def encode(self, data: memoryview, chunk_size: int, **options) -> list[bytes]:
+        return [bytes(data)]
+
+
+@register_decoder("raw", "cpu")
+def _decode(payload: memoryview, chunk_sizes, chunk_size, out: np.ndarray) -> None:
+    if len(payload) != len(out):
+        raise DecodeError(f"raw payload holds {len(payload)} bytes, expected {len(out)}")
+    out[:] = np.frombuffer(payload, dtype=np.uint8)

@@ -1,0 +1,101 @@
+"""Loading onto CUDA: compressed chunks go to GPU memory as they are and nvCOMP decodes them there.
+
+Resident records are decoded once, at load, by the codecs' CUDA decoders (``codecllm.gpu.decoders``):
+the main parts (int8 codes, float weights) into one arena, in the model's parameter order, so that the
+weights of layers registered together lie back to back (``codecllm.gpu.fusion`` uses that); the small
+parts (scales) into a second one. Stream layers keep their main part compressed in GPU memory (as the
+file's zstd frames, or re-encoded to nvCOMP's ANS at load, which decodes about ten times faster) and
+decode it just before use, on a side stream, while the layers before it compute (``codecllm.gpu.stream``).
+
+Compressed bytes are checked against their sha256 on the host before any of them reaches nvCOMP (its
+behaviour on corrupt input is undefined). nvCOMP's statuses and sizes are checked at load for every
+decode it does then; in stream mode, each forward folds them into a flag that the next forward reads
+(``StreamSchedule.check``), so a failed decode stops the next step of ``generate()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..codecs import decoder
+from ..dtypes import torch_dtype
+from ..errors import DeviceError
+from ..format import CllmFile, Record
+from . import decoders, nvcomp
+from .stream import StreamSchedule, aligned
+
+STREAM_CODECS = ("ans", "zstd")
+
+
+class _Arena:
+    """One allocation for many tensors decoded at load: the caching allocator rounds every large
+    allocation up, and many separate weights would waste tens of MB."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.pos = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.pos + nbytes > self.buf.numel():
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.buf.device)
+        out = self.buf[self.pos:self.pos + nbytes]
+        self.pos += aligned(nbytes)
+        return out
+
+
+class CudaBackend:
+    """Decodes the records of one open ``.cllm`` file onto a CUDA device with nvCOMP."""
+
+    name = "cuda"
+
+    def __init__(self, f: CllmFile, device: torch.device, stream_codec: str = "ans"):
+        if stream_codec not in STREAM_CODECS:
+            raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(STREAM_CODECS)}")
+        nvcomp.library()  # a clear error now if nvCOMP is missing
+        self.f, self.device, self.stream_codec = f, device, stream_codec
+        self.main = self.sides = _Arena(device, 0)
+        self.schedule = StreamSchedule()
+
+    def reserve(self, records: list[Record]) -> None:
+        self.main = _Arena(self.device, sum(aligned(r.main.nbytes) for r in records))
+        self.sides = _Arena(self.device, sum(aligned(p.nbytes) for r in records for n, p in r.parts.items() if p is not r.main))
+
+    def read_part(self, rec: Record, part) -> torch.Tensor:
+        """One part decoded on the device, as its dtype and shape."""
+        out = (self.main if part is rec.main else self.sides).take(part.nbytes)
+        decoder(part.codec, "cuda")(self.f.read_stored(rec, part), part, out, rec.name)
+        return out.view(torch_dtype(part.dtype)).reshape(part.shape)
+
+    def read_parts(self, rec: Record, skip: str | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.read_part(rec, p) for n, p in rec.parts.items() if n != skip}
+
+    def stream(self, layer: nn.Module, rec: Record) -> None:
+        """Keep ``rec``'s main part compressed in GPU memory for stream layer ``layer``."""
+        part = rec.main
+        if part.codec != "zstd":
+            raise DeviceError(f"codec {part.codec!r} is not streamed on CUDA")
+        if self.stream_codec == "zstd":
+            comp, offsets = decoders.upload(self.f.read_stored(rec, part), part, self.device, nvcomp.ZSTD)
+            sizes, algo = part.chunks, nvcomp.ZSTD
+        else:  # decode once, re-encode to ANS in GPU memory
+            decoded = torch.empty(part.nbytes, dtype=torch.uint8, device=self.device)
+            decoder("zstd", "cuda")(self.f.read_stored(rec, part), part, decoded, rec.name)
+            comp, offsets, sizes = nvcomp.ans_encode(decoded, part.chunk_size)
+            del decoded
+            algo = nvcomp.ANS
+        outs = decoders.out_sizes(part)
+        statuses = torch.empty(len(outs), dtype=torch.int32, device=self.device)
+        actual = torch.empty(len(outs), dtype=torch.int64, device=self.device)
+        table = nvcomp.ChunkTable(algo, comp, offsets, sizes, 0, outs, part.chunk_size, statuses, actual)
+        layer.set_stream(table, part, self.schedule)
+
+    def finish(self, model: nn.Module) -> None:
+        """Let sibling layers fuse; give the stream layers their workspaces, check that every streamed
+        weight decodes once, and hook the model's forward (prefetches stay inside one forward)."""
+        from . import fusion
+
+        fusion.install(model)
+        decoders.release(self.device)
+        self.main = self.sides = None
+        self.schedule.finish(model, self.device)

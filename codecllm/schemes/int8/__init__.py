@@ -1,0 +1,101 @@
+"""``int8``: symmetric, one float32 scale per output channel, codes in [-127, 127].
+
+``scale[r] = max|w[r, :]| / 127`` (1 for an all-zero row), ``q = round_half_even(w / scale[r])``. Parts:
+``qweight`` (I8, ``[out, in]``) and ``scale`` (F32, ``[out]``). A weight stored as ``[in, out]`` (transformers'
+``Conv1D``) is encoded transposed, with the parameter ``transpose``, so that its output channels are rows
+like a Linear's. Stand-ins: Linear, Conv1D and Embedding on the CPU (here) and on CUDA (``.cuda``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import CodecLLMError, FormatError
+from ...kernels import cpu as cpu_kernels
+from ...qmodules import CpuStream, QEmbedding, QLinear
+from .. import PartSpec, Scheme, register, register_module
+
+QMAX = 127
+# rows quantized at a time, so that converting a large tensor needs one float32 block, not a float32 copy
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@register
+class Int8(Scheme):
+    id = "int8"
+    lossless = False
+    main_part = "qweight"
+
+    def __init__(self, transpose: bool = False):
+        if not isinstance(transpose, bool):
+            raise CodecLLMError(f"int8 parameter transpose must be true or false, got {transpose!r}")
+        self.transpose = transpose
+
+    @property
+    def params(self):
+        return {"transpose": True} if self.transpose else {}
+
+    def applies_to(self, module, param, tensor_shape, float_tensor):
+        return param == "weight" and float_tensor and len(tensor_shape) == 2 and type(module) in self.modules
+
+    def for_module(self, module):
+        return Int8(transpose=True) if isinstance(module, Conv1D) else self
+
+    def layout(self, dtype, shape):
+        if len(shape) != 2:
+            raise FormatError(f"int8 stores 2-D tensors, not shape {list(shape)}")
+        out_f, in_f = (shape[1], shape[0]) if self.transpose else shape
+        return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F32", (out_f,))}
+
+    def quantize(self, w):
+        if w.dim() != 2:
+            raise ValueError(f"int8 quantizes 2-D weights, got shape {tuple(w.shape)}")
+        if self.transpose:
+            w = w.t()
+        rows, cols = w.shape
+        q = torch.empty((rows, cols), dtype=torch.int8)
+        scale = torch.empty(rows, dtype=torch.float32)
+        step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        for r in range(0, rows, step):
+            block = w[r:r + step].to(torch.float32)
+            s = block.abs().amax(dim=1) / QMAX
+            s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row quantizes to zeros with any scale
+            q[r:r + step] = torch.round(block / s[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+            scale[r:r + step] = s
+        return {"qweight": q, "scale": scale}
+
+    def dequantize(self, parts, dtype):
+        q = parts["qweight"]
+        w = (q.to(torch.float32) * parts["scale"].to(q.device, torch.float32)[:, None]).to(dtype)
+        return w.t().contiguous() if self.transpose else w
+
+
+class Int8Linear(QLinear):
+    """Linear (or Conv1D) with an int8 weight: the CPU kernel of ``codecllm.kernels.cpu``."""
+
+    def linear(self, x, parts):
+        return cpu_kernels.int8_linear(x, parts["qweight"], parts["scale"], self.bias)
+
+
+class Int8StreamLinear(CpuStream, Int8Linear):
+    """The int8 codes stay compressed and are decoded on each call (CPU stream mode)."""
+
+
+class Int8Embedding(QEmbedding):
+    """An embedding table stored int8 per row (the layout a tied int8 ``lm_head`` shares)."""
+
+    def embedding(self, ids, parts):
+        rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
+        return (rows * parts["scale"][ids].unsqueeze(-1)).to(self.compute_dtype)
+
+
+for _float in (nn.Linear, Conv1D):
+    register_module(Int8, _float, "cpu", Int8Linear)
+    register_module(Int8, _float, "cpu-stream", Int8StreamLinear)
+    register_module(Int8, _float, "cuda", "codecllm.schemes.int8.cuda:Int8CudaLinear")
+    register_module(Int8, _float, "cuda-stream", "codecllm.schemes.int8.cuda:Int8CudaStreamLinear")
+register_module(Int8, nn.Embedding, "cpu", Int8Embedding)
+register_module(Int8, nn.Embedding, "cuda", Int8Embedding)

@@ -1,0 +1,41 @@
+"""``none``: the tensor bit for bit (any dtype, any shape). Resident, it is an ordinary parameter; in
+stream mode a Linear keeps it compressed and decodes it per call (``codecllm.qmodules``)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ...qmodules import CpuStream, QLinear
+from .. import PartSpec, Scheme, register, register_module
+
+
+@register
+class NoneScheme(Scheme):
+    id = "none"
+    lossless = True
+    main_part = "data"
+
+    def layout(self, dtype, shape):
+        return {"data": PartSpec(dtype, tuple(shape))}
+
+    def quantize(self, w):
+        return {"data": w.contiguous()}
+
+    def dequantize(self, parts, dtype):
+        t = parts["data"]
+        return t.to(dtype) if t.is_floating_point() and dtype is not None else t
+
+
+class NoneLinear(QLinear):
+    def linear(self, x, parts):
+        return F.linear(x, parts["data"].to(x.dtype), self.bias)
+
+
+class NoneStreamLinear(CpuStream, NoneLinear):
+    """A Linear whose float weight stays compressed and is decoded on each call (CPU)."""
+
+
+# stream mode only: resident "none" weights are plain parameters
+register_module(NoneScheme, nn.Linear, "cpu-stream", NoneStreamLinear)
+register_module(NoneScheme, nn.Linear, "cuda-stream", "codecllm.schemes.none.cuda:NoneCudaStreamLinear")
