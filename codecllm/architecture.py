@@ -77,9 +77,9 @@ def walk(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -> Iterator[t
 
 
 def stand_in_modules(module: nn.Module, name: str) -> bool:
-    """The filter of modules some scheme has a stand-in for (their exact class: a subclass may compute
-    differently, so it keeps a plain dequantized weight)."""
-    return type(module) in float_modules()
+    """The filter of modules some scheme has a stand-in for, subclasses included (a subclass keeps its
+    own forward and gets the stand-in's ``weight``: see ``loader._place``)."""
+    return isinstance(module, float_modules())
 
 
 @dataclass

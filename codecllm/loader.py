@@ -185,6 +185,7 @@ def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
     for name, rec in doc.tensors.items():
         mods = targets[name]
         if get_codec(rec.main.codec).chunked and all(a == "weight" and rec.scheme.stand_in(m, f"{backend}-stream") for _, m, a in mods):
+            # (exact classes only: a subclass keeps its own forward)
             candidates[name] = rec.main.nbytes
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
@@ -204,6 +205,12 @@ def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: t
     parts = backend.read_parts(rec, skip=rec.scheme.main_part if stream else None)
     dense = owner = None
     for (name, module, attr), cls in zip(targets, stand_ins):
+        base = rec.scheme.stand_in(module, backend.name, exact=False) if cls is None and attr == "weight" else None
+        if base is not None and not stream:  # a subclass keeps its forward; its weight is the stand-in's
+            if owner is None:
+                owner = base.from_float(module, rec.scheme, parts, dtype, backend.device)
+            module._parameters["weight"] = owner.weight
+            continue
         if cls is None:  # a plain tensor: the original, or dequantized (shared by tied names)
             if dense is None:
                 dense = rec.scheme.dequantize(parts, dtype if rec.dtype in FLOAT_DTYPES else None)

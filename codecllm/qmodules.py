@@ -47,6 +47,9 @@ class QuantizedWeight(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return QuantizedWeight(args[0].module)
+        if func is torch.ops.aten.embedding.default and type(args[0]) is QuantizedWeight:  # rows only, not the table
+            owner = args[0].module
+            return owner.scheme.embedding(owner.parts(), args[1], owner.compute_dtype)
         args, kwargs = pytree.tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs or {}))
         return func(*args, **kwargs)
 
@@ -127,18 +130,22 @@ class QLinear(QModule):
         self.out_features, self.in_features = out_features, in_features
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
+    transposed = False  # the original weight is [in, out] (Conv1D)
+
     @classmethod
     def from_float(cls, module: nn.Module, scheme, parts, compute_dtype, device) -> "QLinear":
         if isinstance(module, nn.Linear):
             out_f, in_f = module.out_features, module.in_features
         else:  # Conv1D: weight [in, out]
             in_f, out_f = module.weight.shape
-        return cls(scheme, parts, tuple(module.weight.shape), compute_dtype, device, out_f, in_f, module.bias)
+        new = cls(scheme, parts, tuple(module.weight.shape), compute_dtype, device, out_f, in_f, module.bias)
+        new.transposed = not isinstance(module, nn.Linear)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._parameters["weight"]
         if type(w) is not QuantizedWeight:  # a float weight assigned after load: plain Linear semantics
-            return F.linear(x, w if w.shape == (self.out_features, self.in_features) else w.t(), self.bias)
+            return F.linear(x, w.t() if self.transposed else w, self.bias)
         return self.linear(x, w.module.parts())
 
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -79,17 +79,27 @@ class Scheme:
     def dequantize(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def embedding(self, parts: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the weight, as an embedding lookup gives them (a scheme may gather encoded rows
+        instead of dequantizing the whole table)."""
+        return torch.nn.functional.embedding(ids, self.dequantize(parts, dtype))
+
     # -- the modules that stand in --
 
     @classmethod
-    def stand_in(cls, module: nn.Module, backend: str) -> type | None:
-        """The class standing in for ``module`` (its exact class) on ``backend``, or None (then the
-        loader gives the module a plain dequantized weight)."""
-        entry = cls.modules.get(type(module), {}).get(backend)
-        if isinstance(entry, str):
-            mod, _, name = entry.partition(":")
-            entry = cls.modules[type(module)][backend] = getattr(importlib.import_module(mod), name)
-        return entry
+    def stand_in(cls, module: nn.Module, backend: str, exact: bool = True) -> type | None:
+        """The class standing in for ``module``'s exact class on ``backend``, or None. With
+        ``exact=False``, also for a subclass (its nearest registered base class): the loader then keeps
+        the subclass, whose own forward may differ, and gives it only the stand-in's ``weight``."""
+        kinds = [type(module)] if exact else [t for t in type(module).__mro__ if t in cls.modules]
+        for kind in kinds:
+            entry = cls.modules.get(kind, {}).get(backend)
+            if isinstance(entry, str):
+                mod, _, name = entry.partition(":")
+                entry = cls.modules[kind][backend] = getattr(importlib.import_module(mod), name)
+            if entry is not None:
+                return entry
+        return None
 
 
 def register_module(scheme: type[Scheme], float_class: type, backend: str, stand_in: Any) -> None:

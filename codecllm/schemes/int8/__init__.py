@@ -39,7 +39,7 @@ class Int8(Scheme):
         return {"transpose": True} if self.transpose else {}
 
     def applies_to(self, module, param, tensor_shape, float_tensor):
-        return param == "weight" and float_tensor and len(tensor_shape) == 2 and type(module) in self.modules
+        return param == "weight" and float_tensor and len(tensor_shape) == 2 and isinstance(module, tuple(self.modules))
 
     def for_module(self, module):
         return Int8(transpose=True) if isinstance(module, Conv1D) else self
@@ -72,6 +72,12 @@ class Int8(Scheme):
         w = (q.to(torch.float32) * parts["scale"].to(q.device, torch.float32)[:, None]).to(dtype)
         return w.t().contiguous() if self.transpose else w
 
+    def embedding(self, parts, ids, dtype):
+        if self.transpose:
+            return super().embedding(parts, ids, dtype)
+        rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
+        return (rows * parts["scale"][ids].unsqueeze(-1)).to(dtype)
+
 
 class Int8Linear(QLinear):
     """Linear (or Conv1D) with an int8 weight: the CPU kernel of ``codecllm.kernels.cpu``."""
@@ -88,8 +94,7 @@ class Int8Embedding(QEmbedding):
     """An embedding table stored int8 per row (the layout a tied int8 ``lm_head`` shares)."""
 
     def embedding(self, ids, parts):
-        rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
-        return (rows * parts["scale"][ids].unsqueeze(-1)).to(self.compute_dtype)
+        return self.scheme.embedding(parts, ids, self.compute_dtype)
 
 
 for _float in (nn.Linear, Conv1D):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...qmodules import CpuStream, QLinear
 from .. import PartSpec, Scheme, register, register_module
@@ -29,7 +30,8 @@ class NoneScheme(Scheme):
 
 class NoneLinear(QLinear):
     def linear(self, x, parts):
-        return F.linear(x, parts["data"].to(x.dtype), self.bias)
+        w = parts["data"].to(x.dtype)
+        return F.linear(x, w.t() if self.transposed else w, self.bias)
 
 
 class NoneStreamLinear(CpuStream, NoneLinear):
@@ -37,5 +39,6 @@ class NoneStreamLinear(CpuStream, NoneLinear):
 
 
 # stream mode only: resident "none" weights are plain parameters
-register_module(NoneScheme, nn.Linear, "cpu-stream", NoneStreamLinear)
-register_module(NoneScheme, nn.Linear, "cuda-stream", "codecllm.schemes.none.cuda:NoneCudaStreamLinear")
+for _float in (nn.Linear, Conv1D):
+    register_module(NoneScheme, _float, "cpu-stream", NoneStreamLinear)
+    register_module(NoneScheme, _float, "cuda-stream", "codecllm.schemes.none.cuda:NoneCudaStreamLinear")
