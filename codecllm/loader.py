@@ -178,3 +178,22 @@ def load_tokenizer(path: str | os.PathLike):
                 raise FormatError(f"{path}: embedded file name {name!r} is not a plain file name")
             Path(tmp, name).write_bytes(f.read_file(name))
         return AutoTokenizer.from_pretrained(tmp)
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", mode: str = "resident", dtype: torch.dtype | None = None) -> None:
+    """Fill ``model`` (built from the file's config, parameters on the meta device) from a ``.cllm`` file:
+    quantized modules take the place of its Linear/Embedding layers and every tensor lands on ``device``.
+
+    PROTOTYPE STUB: loads a second model with ``load`` and moves its submodules over.
+    """
+    loaded = load(path, device=device, mode=mode, dtype=dtype)
+    prefix = getattr(model, "base_model_prefix", "")
+    if type(loaded) is not type(model) and prefix and not hasattr(model, prefix) and hasattr(loaded, prefix):
+        loaded = getattr(loaded, prefix)  # AutoModel: the base model of the file's task model
+    for name, child in loaded.named_children():
+        setattr(model, name, child)
+    for name, t in [*loaded.named_parameters(recurse=False), *loaded.named_buffers(recurse=False)]:
+        setattr(model, name, t)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise FormatError(f"{path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
