@@ -62,8 +62,9 @@ class _SizeType(click.ParamType):
 @click.option("--skip", multiple=True, metavar="PATTERN", help="Keep modules matching this glob unquantized (repeatable), e.g. 'lm_head' or 'model.embed_tokens'.")
 @click.option("--quantize-all", is_flag=True, help="Also quantize the MLP output projections of the first and last blocks.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--hf-dir", type=click.Path(file_okay=False), help="Also write a directory that transformers' from_pretrained loads (after import codecllm).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, force, as_json):
+def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, force, hf_dir, as_json):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
 
@@ -78,6 +79,10 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
             bar.__enter__()
             progress = lambda name, n: bar.update(n)  # noqa: E731
         summary = convert(source, output, quant=quant, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all, force=force, progress=progress)
+        if hf_dir:
+            from .hf import write_hf_dir
+
+            write_hf_dir(output, hf_dir, force=force)
     except CodecLLMError as e:
         _fail(e)
     finally:
@@ -101,7 +106,7 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
         f"{quant} weights: {q['ratio']:.3f}x of their original bytes; the order-0 entropy bound of the encoded "
         f"bytes is {q['bound_ratio']:.3f}x ({q['ratio'] / max(q['bound_ratio'], 1e-9):.1%} of it reached)"
     )
-    click.echo(f"{data['seconds']:.2f} s -> {output}")
+    click.echo(f"{data['seconds']:.2f} s -> {output}" + (f" (and {hf_dir})" if hf_dir else ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

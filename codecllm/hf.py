@@ -102,6 +102,7 @@ def _define():
             from .loader import load_into
 
             load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
+            _settle_ties(model)
             return model
 
         def is_serializable(self, safe_serialization=None):
@@ -122,16 +123,29 @@ def _empty_state_dict(module, state_dict, prefix, local_metadata) -> None:
     state_dict.clear()
 
 
+def _settle_ties(model) -> None:
+    """The loader has tied what the file ties (one quantized tensor under several modules); transformers'
+    ``tie_weights()`` would look for float ``weight`` parameters that no longer exist, so it has nothing to do."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m._tied_weights_keys = None
+            m.all_tied_weights_keys = {}
+
+
 def _one_device(device_map) -> torch.device:
     """The single device a ``device_map`` (as ``from_pretrained`` normalizes it) puts the model on."""
     if device_map is None:
         return torch.device("cpu")
     if isinstance(device_map, str):  # "auto", "balanced", "sequential": the first accelerator, else the CPU
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    devices = {torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in device_map.values()}
-    if len(devices) != 1 or next(iter(devices)).type not in ("cpu", "cuda"):
-        raise DeviceMapError(f"device_map must put the whole model on one CPU or CUDA device, got {sorted(map(str, devices))}")
-    return devices.pop()
+    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
+    if len(devices) != 1 or devices == {"disk"} or devices == {"meta"}:
+        raise DeviceMapError(f"device_map must put the whole model on one CPU or CUDA device, got {sorted(devices)}")
+    from .loader import _device
+
+    return _device(devices.pop())
 
 
 CodecLLMConfig = CodecLLMQuantizer = None
@@ -150,6 +164,18 @@ def register() -> None:
             reg(QUANT_METHOD)(cls)
         except ValueError:  # already registered (the module was reloaded): keep the first
             pass
+
+
+def attach_quantizer(model, mode: str = "resident") -> None:
+    """Mark a model that ``codecllm.load`` built as codecllm-quantized, the way ``from_pretrained`` leaves
+    one: ``save_pretrained`` then refuses it instead of writing ``qweight``/``scale`` keys that transformers
+    would reload as random weights."""
+    register()
+    quantizer = CodecLLMQuantizer(CodecLLMConfig(mode=mode))
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantizer.quantization_config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
 
 
 def write_hf_dir(cllm_path: str | os.PathLike, outdir: str | os.PathLike, mode: str = "resident", force: bool = False) -> Path:

@@ -106,6 +106,9 @@ def load(
     model.eval()
     if decoder is not None:
         decoder.finish(model)
+    from .hf import attach_quantizer
+
+    attach_quantizer(model, mode)
     return model
 
 
