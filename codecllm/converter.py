@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .architecture import ModelPlan, empty_model, plan
+from .architecture import empty_model, plan
 from .codecs import DEFAULT_CHUNK_SIZE, get_codec
 from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError

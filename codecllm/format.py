@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .codecs import decode_cpu, get_codec, num_chunks
-from .dtypes import DTYPE_NAMES, DTYPES, dtype_name, itemsize, torch_dtype  # noqa: F401  (re-exported)
+from .dtypes import DTYPES, itemsize, torch_dtype
 from .errors import (
     ChecksumError,
     ChunkTableError,

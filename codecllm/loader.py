@@ -142,6 +142,8 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
     for alias, target in doc.aliases.items():
         names_of[target].append(alias)
+    if type(model).__name__ not in (doc.model.get("architectures") or []):
+        names_of = _renamed(model, names_of)
     order = _in_model_order(model, doc, names_of)
     targets = {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
     streamed = _streamed(doc, targets, backend.name) if mode == "stream" else set()
@@ -163,13 +165,27 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     backend.finish(model)
 
 
+def _renamed(model: nn.Module, names_of: dict[str, list[str]]) -> dict[str, list[str]]:
+    """For a model of another class than the file's (``AutoModel`` gives the base model of the file's
+    task model): each name as this model has it (the base model prefix stripped), and the tensors it has
+    no place for (the task head) left out."""
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    out = {}
+    for target, names in names_of.items():
+        mapped = [n if n in known else n[len(prefix):] for n in names if n in known or (n.startswith(prefix) and n[len(prefix):] in known)]
+        if mapped:
+            out[target] = mapped
+    return out
+
+
 def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
     """The file's records in the order the model registers their parameters: decoded in this order, the
     weights of layers registered together (a block's q/k/v, its gate/up) lie back to back in device
     memory, which lets sibling layers run as one matmul (``codecllm.gpu.fusion``)."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in model.named_buffers()]
     position = {n: i for i, n in enumerate(names)}
-    return sorted(doc.tensors.values(), key=lambda r: min(position.get(n, len(position)) for n in names_of[r.name]))
+    return sorted((r for r in doc.tensors.values() if r.name in names_of), key=lambda r: min(position.get(n, len(position)) for n in names_of[r.name]))
 
 
 def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
@@ -182,8 +198,8 @@ def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
     from .codecs import get_codec
 
     candidates = {}
-    for name, rec in doc.tensors.items():
-        mods = targets[name]
+    for name, mods in targets.items():
+        rec = doc.tensors[name]
         if get_codec(rec.main.codec).chunked and all(a == "weight" and rec.scheme.stand_in(m, f"{backend}-stream") for _, m, a in mods):
             # (exact classes only: a subclass keeps its own forward)
             candidates[name] = rec.main.nbytes

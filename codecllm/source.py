@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import FormatError, SourceError
-from .format import DTYPES, HEADER_CAP, Entry, parse_safetensors_header
+from .dtypes import DTYPES
+from .format import HEADER_CAP, Entry, parse_safetensors_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".msgpack", ".h5", ".onnx", ".npz") + PICKLE_SUFFIXES
