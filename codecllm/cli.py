@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .codecs import DEFAULT_CHUNK_SIZE, codec_ids
 from .errors import CodecLLMError
-from .schemes import scheme_ids
+from .schemes import default_scheme_id, scheme_ids
 
 
 def _fail(e: Exception) -> None:
@@ -57,7 +57,7 @@ class _SizeType(click.ParamType):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .cllm file to write.")
-@click.option("--quant", type=click.Choice(scheme_ids()), default="int8", show_default=True,
+@click.option("--quant", type=click.Choice(scheme_ids()), default=default_scheme_id(), show_default=True,
               help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
 @click.option("--codec", type=click.Choice(codec_ids()), default="zstd", show_default=True,
               help="Entropy codec of the stored parts (raw: uncompressed).")

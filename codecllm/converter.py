@@ -1,6 +1,6 @@
 """Hugging Face checkpoint -> ``.cllm``, one tensor at a time.
 
-Each tensor is read, quantized (int8 per output channel for Linear and Embedding weights unless skipped), cut into
+Each tensor is read, quantized by its scheme (the chosen one for Linear, Conv1D and Embedding weights unless skipped), cut into
 chunks, entropy-coded in parallel threads and appended to a temporary data file; the header goes in
 front at the end and the finished file is moved into place atomically. Peak memory follows the largest
 tensor, not the model.
@@ -27,7 +27,7 @@ from .codecs import DEFAULT_CHUNK_SIZE, get_codec
 from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
-from .schemes import Scheme, get_scheme
+from .schemes import Scheme, default_scheme_id, get_scheme
 from .source import Checkpoint
 
 
@@ -192,7 +192,7 @@ def convert(
     source: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    quant: str = "int8",
+    quant: str | None = None,
     codec: str = "zstd",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     level: int | None = None,
@@ -203,10 +203,10 @@ def convert(
 ) -> Summary:
     """Convert the Hugging Face model directory ``source`` into the ``.cllm`` file ``output``.
 
-    >>> summary = convert("path/to/model", "model.cllm", quant="int8")   # doctest: +SKIP
+    >>> summary = convert("path/to/model", "model.cllm")                  # doctest: +SKIP
     >>> summary.to_json()["totals"]["bytes_out"]                          # doctest: +SKIP
 
-    ``quant`` is the scheme for the weights of the modules some scheme stands in for (Linear, Conv1D,
+    ``quant`` (the default scheme if None) is the scheme for the weights of the modules some scheme stands in for (Linear, Conv1D,
     Embedding); every other tensor is stored bit-exact. By default the MLP output projections of the
     first and last blocks stay unquantized (see ``architecture._edge_outputs``); ``quantize_all=True``
     quantizes them too. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
@@ -219,6 +219,7 @@ def convert(
     """
     start = time.perf_counter()
     skip = tuple(skip)
+    quant = quant or default_scheme_id()
     scheme, coding = check_options(quant, codec, chunk_size, level)
     out = Path(output)
     if out.exists() and not force:

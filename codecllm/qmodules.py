@@ -55,11 +55,13 @@ class QuantizedWeight(torch.Tensor):
 
 
 class QModule(nn.Module):
-    """Base of every stand-in: the scheme, the encoded parts as buffers, the compute dtype."""
+    """Base of every stand-in: the scheme, the encoded parts as buffers, the compute dtype. A stand-in is
+    also an instance of the float class it replaces (``isinstance(m, nn.Linear)`` holds, as in
+    optimum-quanto), though that class's ``__init__`` never runs: no float weight is ever allocated."""
 
     def __init__(self, scheme, parts: dict[str, torch.Tensor], weight_shape: tuple[int, ...], compute_dtype: torch.dtype,
                  device: torch.device):
-        super().__init__()
+        nn.Module.__init__(self)
         self.scheme = scheme
         self.weight_shape = tuple(weight_shape)
         self.compute_dtype = compute_dtype
@@ -120,7 +122,7 @@ class QModule(nn.Module):
             missing_keys.remove(prefix + "weight")
 
 
-class QLinear(QModule):
+class QLinear(QModule, nn.Linear):
     """Stands in for ``nn.Linear`` (and for transformers' ``Conv1D``, whose weight is stored transposed:
     its scheme encodes it as ``[out, in]`` like a Linear's). Subclasses implement ``linear``."""
 
@@ -155,13 +157,14 @@ class QLinear(QModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self.scheme!r}"
 
 
-class QEmbedding(QModule):
+class QEmbedding(QModule, nn.Embedding):
     """Stands in for ``nn.Embedding``. Subclasses implement ``embedding``."""
 
     def __init__(self, scheme, parts, weight_shape, compute_dtype, device, padding_idx: int | None):
         super().__init__(scheme, parts, weight_shape, compute_dtype, device)
         self.num_embeddings, self.embedding_dim = weight_shape
         self.padding_idx = padding_idx
+        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
 
     @classmethod
     def from_float(cls, module: nn.Embedding, scheme, parts, compute_dtype, device) -> "QEmbedding":

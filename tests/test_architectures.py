@@ -104,3 +104,17 @@ def test_gpt2_conv1d_weights_are_quantized(tmp_path):
     ref = transformers.GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
     got, want = run(model), run(ref)
     assert float((got - want).norm() / want.norm()) < INT8_MAX_REL_ERR
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_from_pretrained_route(checkpoint, tmp_path, mode):
+    """The same file through transformers' ``from_pretrained`` (after ``import codecllm``) computes exactly
+    what ``codecllm.load`` computes."""
+    from codecllm.hf import write_hf_dir
+
+    name, src = checkpoint
+    codecllm.convert(src, tmp_path / "m.cllm", chunk_size=4096)
+    write_hf_dir(tmp_path / "m.cllm", tmp_path / "hf", mode=mode)
+    via_hf = getattr(transformers, ARCHS[name]).from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert any(isinstance(m, QModule) for m in via_hf.modules())
+    assert torch.equal(run(via_hf), run(codecllm.load(tmp_path / "m.cllm", mode=mode)))

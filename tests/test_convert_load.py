@@ -207,3 +207,131 @@ def test_unquantized_linear_larger_than_quantized_ones_stays_resident_in_stream_
     assert type(layers[0].mlp.down_proj) is nn.Linear and type(layers[-1].mlp.down_proj) is nn.Linear
     assert isinstance(layers[1].mlp.down_proj, Int8StreamLinear)
     assert isinstance(model.model.embed_tokens, Int8Embedding)  # untied embeddings are int8 too
+
+
+# --- a drop-in transformers model -----------------------------------------------------------------------
+
+
+def test_weights_read_like_a_float_model(tiny_llama, tmp_path):
+    """What model code reads of a quantized module agrees with how it computes, and costs no copy until
+    an operation needs the values."""
+    from codecllm.qmodules import QuantizedWeight
+
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    model, ref = codecllm.load(tmp_path / "m.cllm"), reference(tiny_llama)
+    w = model.lm_head.weight
+    assert type(w) is QuantizedWeight and isinstance(w, nn.Parameter)
+    assert (w.shape, w.dtype, w.device.type) == ((256, 64), torch.float32, "cpu")
+    assert (w.float() - ref.lm_head.weight).abs().max() <= model.lm_head.scale.max() / 2 + 1e-6
+    assert model.num_parameters() == ref.num_parameters()
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert model.state_dict()["lm_head.weight"].dtype == torch.float32  # dense, under the original name
+
+
+def test_resize_token_embeddings(tiny_llama, tmp_path):
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    model = codecllm.load(tmp_path / "m.cllm")
+    before = logits(model, IDS)
+    model.resize_token_embeddings(300)
+    assert model.get_input_embeddings().weight.shape == (300, 64) and model.lm_head.weight.shape == (300, 64)
+    after = logits(model, IDS)
+    assert after.shape[-1] == 300 and torch.allclose(after[..., :256], before, atol=1e-5)
+
+
+def test_old_checkpoint_keys_are_ignored(tmp_path):
+    """Old checkpoints carry buffers transformers no longer has (``rotary_emb.inv_freq``): the converter
+    leaves them out, says so, and the file loads."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny(tmp_path / "old", llama_config())
+    sd = load_file(src / "model.safetensors")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    summary = codecllm.convert(src, tmp_path / "m.cllm", quant="none")
+    assert summary.ignored == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert any("inv_freq" in w for w in summary.warnings)
+    assert torch.equal(logits(codecllm.load(tmp_path / "m.cllm"), IDS), logits(reference(src), IDS))
+
+
+def test_config_that_disagrees_with_the_weights_fails_at_conversion(tmp_path):
+    import json
+
+    src = save_tiny(tmp_path / "src", llama_config())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match=r"model.layers.0.mlp.down_proj.weight: the checkpoint holds shape \[64, 160\], the config makes \[64, 96\]"):
+        codecllm.convert(src, tmp_path / "m.cllm")
+    assert not (tmp_path / "m.cllm").exists()
+
+
+def test_skip_pattern_that_matches_nothing_warns(tiny_llama, tmp_path):
+    summary = codecllm.convert(tiny_llama, tmp_path / "m.cllm", skip=["*.q_proj", "*.qproj"])
+    assert summary.warnings == ["--skip '*.qproj' matches no module"]
+
+
+def test_load_tokenizer_without_tokenizer_is_an_error(tiny_llama, tmp_path):
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    with pytest.raises(CodecLLMError, match="embeds no tokenizer"):
+        codecllm.load_tokenizer(tmp_path / "m.cllm")
+
+
+def test_non_cllm_file_given_to_load(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\x80\x04 pickled weights, or anything else")
+    with pytest.raises(CodecLLMError, match="model.bin: not a .cllm file"):
+        codecllm.load(tmp_path / "model.bin")
+
+
+def test_toy_scheme_end_to_end(tiny_llama, tmp_path):
+    """A new scheme is one module: int8 with a zero point, registered here, converts, loads in both modes,
+    computes and dumps without any change to the package."""
+    from codecllm import schemes
+    from codecllm.cli import dump_cmd
+    from codecllm.qmodules import CpuStream, QLinear
+    from codecllm.schemes import PartSpec, Scheme, register_module
+
+    class ToyZeroPoint(Scheme):
+        id = "toy-int8-zp"
+        main_part = "codes"
+
+        def layout(self, dtype, shape):
+            return {"codes": PartSpec("U8", tuple(shape)), "scale": PartSpec("F32", (shape[0],)), "zero": PartSpec("U8", (shape[0],))}
+
+        def applies_to(self, module, param, shape, float_tensor):
+            return isinstance(module, nn.Linear) and param == "weight" and len(shape) == 2
+
+        def quantize(self, w):
+            w = w.float()
+            lo, hi = w.amin(1), w.amax(1)
+            scale = ((hi - lo) / 255).clamp_min(1e-8)
+            zero = torch.round(-lo / scale).clamp(0, 255)
+            codes = torch.round(w / scale[:, None] + zero[:, None]).clamp(0, 255)
+            return {"codes": codes.to(torch.uint8), "scale": scale, "zero": zero.to(torch.uint8)}
+
+        def dequantize(self, parts, dtype):
+            return ((parts["codes"].float() - parts["zero"].float()[:, None]) * parts["scale"][:, None]).to(dtype)
+
+    class ToyLinear(QLinear):
+        def linear(self, x, parts):
+            return torch.nn.functional.linear(x, self.scheme.dequantize(parts, x.dtype), self.bias)
+
+    class ToyStreamLinear(CpuStream, ToyLinear):
+        pass
+
+    schemes.register(ToyZeroPoint)
+    register_module(ToyZeroPoint, nn.Linear, "cpu", ToyLinear)
+    register_module(ToyZeroPoint, nn.Linear, "cpu-stream", ToyStreamLinear)
+    try:
+        out = tmp_path / "toy.cllm"
+        codecllm.convert(tiny_llama, out, quant="toy-int8-zp")
+        assert CllmFile(out).doc.tensors["model.layers.1.mlp.up_proj.weight"].scheme.id == "toy-int8-zp"
+        ref = logits(reference(tiny_llama), IDS)
+        for mode in ("resident", "stream"):
+            model = codecllm.load(out, mode=mode)
+            assert isinstance(model.model.layers[1].mlp.up_proj, ToyLinear)
+            got = logits(model, IDS)
+            assert (got - ref).norm() / ref.norm() < 0.01
+        r = __import__("click.testing", fromlist=["CliRunner"]).CliRunner().invoke(dump_cmd, [str(out), "--verify"])
+        assert r.exit_code == 0 and "toy-int8-zp" in r.output, r.output
+    finally:
+        del schemes._REGISTRY["toy-int8-zp"]

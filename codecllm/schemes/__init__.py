@@ -35,6 +35,7 @@ class Scheme:
 
     id: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
+    default: ClassVar[bool] = False  # the converter's default scheme (exactly one registered scheme says so)
     main_part: ClassVar[str] = "data"
     # float module class -> {backend: stand-in class, or "module:Class" imported on first use}
     modules: ClassVar[dict[type, dict[str, Any]]] = {}
@@ -139,6 +140,10 @@ def get_scheme(scheme_id: Any, params: dict[str, Any] | None = None) -> Scheme:
 
 def scheme_ids() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def default_scheme_id() -> str:
+    return next(k for k, cls in _REGISTRY.items() if cls.default)
 
 
 def float_modules() -> tuple[type, ...]:

@@ -27,6 +27,7 @@ _BLOCK_ELEMENTS = 1 << 22
 class Int8(Scheme):
     id = "int8"
     lossless = False
+    default = True
     main_part = "qweight"
 
     def __init__(self, transpose: bool = False):
