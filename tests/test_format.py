@@ -481,3 +481,21 @@ def test_truncated_file_names_the_file(tmp_path, golden_bytes):
 def test_missing_file_is_a_package_error(tmp_path):
     with pytest.raises(errors.CodecLLMError, match="No such file"):
         CllmFile(tmp_path / "nope.cllm")
+
+
+def test_metadata_maps_strings_to_strings(tmp_path):
+    header, doc, data = golden_parts()
+    header["__metadata__"] = {"codecllm": json.dumps(doc), "other": 5}
+    expect(write(tmp_path, header, data), errors.HeaderDecodeError, "__metadata__")
+
+
+def test_record_needs_exactly_its_keys(tmp_path):
+    def change(h, d):
+        emb(d)["codec"] = {"id": "zstd"}  # a version 1 field in a version 2 record
+    expect(mutated(tmp_path, change), errors.HeaderDecodeError, "unexpected \\\\['codec'\\\\]")
+
+
+def test_part_needs_exactly_its_keys(tmp_path):
+    def change(h, d):
+        emb(d)["parts"]["scale"]["offset"] = 0
+    expect(mutated(tmp_path, change), errors.HeaderDecodeError, "unexpected \\\\['offset'\\\\]")
