@@ -492,10 +492,10 @@ def test_metadata_maps_strings_to_strings(tmp_path):
 def test_record_needs_exactly_its_keys(tmp_path):
     def change(h, d):
         emb(d)["codec"] = {"id": "zstd"}  # a version 1 field in a version 2 record
-    expect(mutated(tmp_path, change), errors.HeaderDecodeError, "unexpected \\\\['codec'\\\\]")
+    expect(mutated(tmp_path, change), errors.HeaderDecodeError, r"unexpected \['codec'\]")
 
 
 def test_part_needs_exactly_its_keys(tmp_path):
     def change(h, d):
         emb(d)["parts"]["scale"]["offset"] = 0
-    expect(mutated(tmp_path, change), errors.HeaderDecodeError, "unexpected \\\\['offset'\\\\]")
+    expect(mutated(tmp_path, change), errors.HeaderDecodeError, r"unexpected \['offset'\]")
