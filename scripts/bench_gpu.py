@@ -116,20 +116,21 @@ def decode_throughput(path: Path) -> dict:
     same bytes re-encoded to ANS in GPU memory, decoded in one call. GB/s of decoded bytes."""
     from codecllm.format import CllmFile
     from codecllm.gpu import nvcomp
-    from codecllm.gpu.loader import _padded
+    from codecllm.gpu.decoders import padded
 
     res = {}
     with CllmFile(path) as f:
-        recs = [r for r in f.doc.tensors.values() if r.codec == "zstd" and r.scheme == "int8"]
+        recs = [r for r in f.doc.tensors.values() if r.main.codec == "zstd" and not r.scheme.lossless]
         z = nvcomp.algo(nvcomp.ZSTD)
         blobs, offs, sizes, outs, pos = [], [], [], [], 0
-        chunk = recs[0].chunk_size
+        chunk = recs[0].main.chunk_size
         for r in recs:
-            data, o = _padded(f.read_stored(r), r.chunks, max(z.input_align, 8))
+            p = r.main
+            data, o = padded(f.read_stored(r, p), p.chunks, max(z.input_align, 8))
             blobs.append(data)
             offs += [pos + x for x in o]
-            sizes += r.chunks
-            outs += [min(chunk, r.encoded_nbytes - i * chunk) for i in range(len(r.chunks))]
+            sizes += p.chunks
+            outs += [min(chunk, p.nbytes - i * chunk) for i in range(len(p.chunks))]
             pos += len(data)
             pos += -pos % 8
             blobs.append(torch.zeros(-len(data) % 8, dtype=torch.uint8).numpy())
@@ -225,7 +226,7 @@ def main() -> None:
                 model = None
             result["variants"].append(row)
             print(json.dumps(row), flush=True)
-    from codecllm.gpu import int8_matmul
+    from codecllm.kernels import int8_triton as int8_matmul
 
     result["environment"]["int8_direct_launch"] = all(l.direct for l in int8_matmul._compiled.values())
     result["int8_configs"] = int8_matmul.tuned_configs()

@@ -21,8 +21,9 @@ from bench_gpu import decode_step_ms, events_ms  # noqa: E402
 from synthetic import TINYLLAMA  # noqa: E402
 
 from codecllm.gpu.graphs import capture  # noqa: E402
-from codecllm.gpu.int8_matmul import int8_linear  # noqa: E402
-from codecllm.modules import Int8Linear  # noqa: E402
+from codecllm.kernels.int8_triton import int8_linear  # noqa: E402
+from codecllm.schemes import get_scheme  # noqa: E402
+from codecllm.schemes.int8.cuda import Int8CudaLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda"
@@ -106,7 +107,8 @@ def forward_breakdown() -> dict:
     def to_int8(lin):
         w = lin.weight.float()
         s = w.abs().amax(1) / 127
-        return Int8Linear(torch.round(w / s[:, None]).to(torch.int8), s, lin.bias)
+        q = torch.round(w / s[:, None]).to(torch.int8)
+        return Int8CudaLinear(get_scheme("int8"), {"qweight": q, "scale": s}, tuple(q.shape), torch.float16, q.device, *q.shape, lin.bias)
 
     swap(model, to_int8)
     out["int8_ms"] = graph16(model)
@@ -114,7 +116,7 @@ def forward_breakdown() -> dict:
     swap(model, lambda lin: lin)  # no Linear left
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
-            if isinstance(child, Int8Linear):
+            if isinstance(child, Int8CudaLinear):
                 setattr(mod, cname, _Nothing(child.out_features))
     out["no_linear_ms"] = graph16(model)
     out["no_linear_step_ms"] = step(model)

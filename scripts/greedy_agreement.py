@@ -47,8 +47,8 @@ def group_quantized(model, group: int):
             continue
         w = params[name].data.half().float()
         rows, cols = w.shape
-        q, sides = int8.quantize(w.reshape(rows * cols // group, group))
-        params[name].data.copy_(int8.dequantize(q, sides, torch.float32).reshape(rows, cols))
+        parts = int8.quantize(w.reshape(rows * cols // group, group))
+        params[name].data.copy_(int8.dequantize(parts, torch.float32).reshape(rows, cols))
         done.update(p.tied.get(name, (name,)))
     return model
 
