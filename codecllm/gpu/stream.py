@@ -92,6 +92,7 @@ class StreamSchedule:
         self.statuses = torch.zeros(2 * total, dtype=torch.int32, device=device)
         self.actual = torch.zeros(2 * total, dtype=torch.int64, device=device)
         self.expected = torch.cat([l.table.out_sizes for l in layers] * 2)
+        self.actual[total:] = self.expected[total:]  # the units' half: no decode there yet, nothing wrong
         self.unit_pos = total
         self.flag = torch.zeros(1, dtype=torch.bool, device=device)
         self.flag_host = torch.zeros(1, dtype=torch.bool, pin_memory=True)
@@ -152,7 +153,7 @@ class StreamSchedule:
         n = sum(l.table.num_chunks for l in layers)
         p = self.unit_pos
         table = nvcomp.ChunkTable.concat([l.table for l in layers], self.statuses[p:p + n], self.actual[p:p + n])
-        self.expected[p:p + n] = table.out_sizes
+        self.expected[p:p + n] = self.actual[p:p + n] = table.out_sizes
         self.unit_pos += n
         if table.temp_bytes > self.temp.numel():
             self.temp = torch.empty(table.temp_bytes, dtype=torch.uint8, device=dev)
