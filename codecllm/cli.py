@@ -1,6 +1,8 @@
 """``codecllm-convert`` and ``codecllm-dump``: thin Click layers over the library.
 
-Library errors (``CodecLLMError``) become one line on stderr and exit code 1; usage errors exit 2.
+Library errors (``CodecLLMError``, and ``OSError`` as a safety net) become one line on stderr and exit
+code 1; usage errors exit 2; SIGTERM/SIGHUP during a conversion exit 128 + the signal's number, after the
+temporary files are gone.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ import sys
 
 import click
 
+from . import __version__
 from .codecs import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from .errors import CodecLLMError
+from .errors import CodecLLMError, Interrupted
 from .schemes import scheme_ids
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {_escape(str(e))}", err=True)
     sys.exit(1)
+
+
+def _os_error(e: OSError) -> CodecLLMError:
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return CodecLLMError(f"{where}{e.strerror or e}")
 
 
 def _escape(s: str) -> str:
@@ -63,6 +71,7 @@ class _SizeType(click.ParamType):
 @click.option("--quantize-all", is_flag=True, help="Also quantize the MLP output projections of the first and last blocks.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.version_option(__version__, "--version", prog_name="codecllm-convert", message="%(prog)s %(version)s")
 def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, force, as_json):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
@@ -80,6 +89,14 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
         summary = convert(source, output, quant=quant, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all, force=force, progress=progress)
     except CodecLLMError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_os_error(e))
+    except Interrupted as e:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+            bar = None
+        click.echo(f"error: {_escape(str(e))}", err=True)
+        sys.exit(128 + e.signum)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -109,6 +126,7 @@ def convert_cmd(source, output, quant, chunk_size, level, skip, quantize_all, fo
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--verify", is_flag=True, help="Decode every tensor and check both checksums.")
 @click.option("--no-tensors", is_flag=True, help="Leave out the per-tensor table.")
+@click.version_option(__version__, "--version", prog_name="codecllm-dump", message="%(prog)s %(version)s")
 def dump_cmd(file, as_json, verify, no_tensors):
     """Show the header of a .cllm FILE: format, model, embedded files and tensors."""
     from .dump import describe
@@ -118,7 +136,7 @@ def dump_cmd(file, as_json, verify, no_tensors):
     except CodecLLMError as e:
         _fail(e)
     except OSError as e:
-        _fail(CodecLLMError(f"{file}: {e.strerror}"))
+        _fail(_os_error(e) if e.filename is not None else CodecLLMError(f"{file}: {e.strerror or e}"))
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=True))
         return
@@ -147,6 +165,7 @@ def dump_cmd(file, as_json, verify, no_tensors):
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="codecllm", message="%(prog)s %(version)s")
 def main():
     """codecllm: convert (codecllm-convert) and dump (codecllm-dump)."""
 
