@@ -23,6 +23,7 @@ from .errors import (
     FormatError,
     HeaderDecodeError,
     HeaderTooLargeError,
+    InputError,
     NotCllmError,
     OffsetError,
     ShapeError,
@@ -314,7 +315,10 @@ class CllmFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._f: BinaryIO = open(self.path, "rb")
+        try:
+            self._f: BinaryIO = open(self.path, "rb")
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open: {e.strerror or e}") from None
         try:
             self._parse()
         except BaseException:
@@ -326,6 +330,8 @@ class CllmFile:
         if size < 8:
             raise TruncatedFileError(f"{self.path}: {size} bytes is too short for a header length")
         (n,) = struct.unpack("<Q", self._read(0, 8))
+        if (n > HEADER_CAP or 8 + n > size) and size > 8 and self._read(8, 1) != b"{":
+            raise NotCllmError(f"{self.path}: not a .cllm file (no safetensors header: its first 8 bytes give a length of {n} bytes)")
         if n > HEADER_CAP:
             raise HeaderTooLargeError(f"{self.path}: header length {n} is above the cap of {HEADER_CAP} bytes")
         if 8 + n > size:
@@ -333,10 +339,13 @@ class CllmFile:
         self.header_size = n
         self.data_start = 8 + n
         self.file_size = size
-        self.entries, metadata = parse_safetensors_header(self._read(8, n), size - self.data_start)
-        if METADATA_KEY not in metadata:
-            raise NotCllmError(f"{self.path}: a safetensors file without a CodecLLM document (not a .cllm file)")
-        self.doc = parse_document(metadata[METADATA_KEY], self.entries)
+        try:
+            self.entries, metadata = parse_safetensors_header(self._read(8, n), size - self.data_start)
+            if METADATA_KEY not in metadata:
+                raise NotCllmError("a safetensors file without a CodecLLM document (not a .cllm file)")
+            self.doc = parse_document(metadata[METADATA_KEY], self.entries)
+        except FormatError as e:
+            raise type(e)(f"{self.path}: {e}") from None
 
     def _read(self, offset: int, n: int) -> bytes:
         data = os.pread(self._f.fileno(), n, offset)
