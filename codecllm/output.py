@@ -73,16 +73,17 @@ def remove_stale(directory: Path) -> list[Path]:
             continue
         path = directory / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            # opened for writing: NFS grants an exclusive lock only on such a descriptor
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError when a writer holds it
-            now = os.lstat(path)
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            opened, now = os.fstat(fd), os.lstat(path)
+            if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                 os.unlink(path)
                 removed.append(path)
         except OSError:
