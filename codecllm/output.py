@@ -218,7 +218,10 @@ class AtomicOutput:
                 raise _output_error(self.out, e) from e
             try:
                 self._locks[path] = os.dup(fd)
-                fcntl.flock(self._locks[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(self._locks[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # a file system without locks: the PID in the name still protects it
+                    pass
                 return _TempFile(path, fd, self.out)
             except BaseException as e:
                 os.close(fd)

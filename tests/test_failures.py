@@ -475,3 +475,14 @@ def test_source_error_leaves_no_temporary_file(runner, tiny_llama, tmp_path, mon
     r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "m.cllm")])
     assert "short read" in one_line_error(r)
     assert sorted(os.listdir(tmp_path)) == ["tiny-llama"]
+
+
+def test_file_system_without_locks_still_converts(tiny_llama, tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(output_mod.fcntl, "flock", no_locks)
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    assert temps(tmp_path) == []
+    with CllmFile(tmp_path / "m.cllm") as f:
+        assert f.doc.tensors
