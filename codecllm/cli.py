@@ -1,6 +1,8 @@
 """``codecllm-convert`` and ``codecllm-dump``: thin Click layers over the library.
 
-Library errors (``CodecLLMError``) become one line on stderr and exit code 1; usage errors exit 2.
+Library errors (``CodecLLMError``, and ``OSError`` as a safety net) become one line on stderr and exit
+code 1; usage errors exit 2; SIGTERM/SIGHUP during a conversion exit 128 + the signal's number, after the
+temporary files are gone.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ import click
 
 from . import __version__
 from .codecs import DEFAULT_CHUNK_SIZE, codec_ids
-from .errors import CodecLLMError
+from .errors import CodecLLMError, Interrupted
 from .schemes import default_scheme_id, scheme_ids
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {_escape(str(e))}", err=True)
     sys.exit(1)
+
+
+def _os_error(e: OSError) -> CodecLLMError:
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return CodecLLMError(f"{where}{e.strerror or e}")
 
 
 def _escape(s: str) -> str:
@@ -69,7 +76,7 @@ class _SizeType(click.ParamType):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--hf-dir", type=click.Path(file_okay=False), default=None,
               help="Also write a directory that transformers' from_pretrained loads (after `import codecllm`).")
-@click.version_option(__version__, "--version", prog_name="codecllm-convert")
+@click.version_option(__version__, "--version", prog_name="codecllm-convert", message="%(prog)s %(version)s")
 def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
@@ -92,6 +99,14 @@ def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_
             write_hf_dir(output, hf_dir, force=force)
     except CodecLLMError as e:
         _fail(e)
+    except OSError as e:
+        _fail(_os_error(e))
+    except Interrupted as e:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+            bar = None
+        click.echo(f"error: {_escape(str(e))}", err=True)
+        sys.exit(128 + e.signum)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -124,7 +139,7 @@ def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--verify", is_flag=True, help="Decode every tensor and check both checksums.")
 @click.option("--no-tensors", is_flag=True, help="Leave out the per-tensor table.")
-@click.version_option(__version__, "--version", prog_name="codecllm-dump")
+@click.version_option(__version__, "--version", prog_name="codecllm-dump", message="%(prog)s %(version)s")
 def dump_cmd(file, as_json, verify, no_tensors):
     """Show the header of a .cllm FILE: format, model, embedded files and tensors."""
     from .dump import describe
@@ -134,7 +149,7 @@ def dump_cmd(file, as_json, verify, no_tensors):
     except CodecLLMError as e:
         _fail(e)
     except OSError as e:
-        _fail(CodecLLMError(f"{file}: {e.strerror}"))
+        _fail(_os_error(e) if e.filename is not None else CodecLLMError(f"{file}: {e.strerror or e}"))
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=True))
         return
@@ -163,6 +178,7 @@ def dump_cmd(file, as_json, verify, no_tensors):
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="codecllm", message="%(prog)s %(version)s")
 def main():
     """codecllm: convert (codecllm-convert) and dump (codecllm-dump)."""
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from .codecs import DEFAULT_CHUNK_SIZE, get_codec
 from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
+from .output import AtomicOutput
 from .schemes import Scheme, default_scheme_id, get_scheme
 from .source import Checkpoint
 
@@ -243,10 +242,8 @@ def convert(
     summary.warnings = [f"--skip {pat!r} matches no module" for pat in skip if not model_plan.matches(pat)]
     summary.warnings += [f"ignored checkpoint tensor {n!r}: the model has no such parameter or buffer" for n in summary.ignored]
 
-    data_fd, data_path = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".data")
-    final_path = None
-    try:
-        with os.fdopen(data_fd, "wb") as data_file:
+    with AtomicOutput(out, force) as output:
+        with output.temp("data") as data_file:
             writer = _DataWriter(data_file)
             for fname, fpath in ckpt.embedded_files().items():
                 blob = torch.from_numpy(np.frombuffer(fpath.read_bytes(), dtype=np.uint8).copy())
@@ -291,19 +288,7 @@ def convert(
                        "skip": list(skip), "quantize_all": quantize_all},
         )
         header = build_header(writer.entries, doc)
-        final_fd, final_path = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.chmod(final_path, 0o666 & ~_umask())
-        with os.fdopen(final_fd, "wb") as f, open(data_path, "rb") as data:
-            f.write(header)
-            shutil.copyfileobj(data, f, 16 * 1024 * 1024)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(final_path, out, force)
-        final_path = None
-    finally:
-        for p in (data_path, final_path):
-            if p is not None and os.path.exists(p):
-                os.unlink(p)
+        output.publish(header, data_file)
     summary.aliases = aliases
     summary.file_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - start
@@ -317,26 +302,3 @@ def _model_dtype(tensors: dict[str, Record]) -> str:
         if r.dtype in ("F16", "BF16", "F32", "F64"):
             counts[r.dtype] = counts.get(r.dtype, 0) + math.prod(r.shape)
     return max(counts, key=counts.get) if counts else "F32"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: str, out: Path, force: bool) -> None:
-    """Move the finished file into place: never over an existing file unless ``force``."""
-    if force:
-        os.replace(tmp, out)
-        return
-    try:
-        os.link(tmp, out)  # fails if ``out`` appeared meanwhile
-    except FileExistsError:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it") from None
-    except OSError:  # file systems without hard links
-        if out.exists():
-            raise OutputExistsError(f"{out} exists; pass --force to overwrite it") from None
-        os.replace(tmp, out)
-        return
-    os.unlink(tmp)

@@ -70,3 +70,24 @@ class DecodeError(FormatError):
 
 class DeviceError(CodecLLMError):
     """The requested device or its libraries cannot be used."""
+
+
+class OutputError(CodecLLMError):
+    """The output cannot be written (read-only or full file system, a folder that takes no files); the
+    message names the output and the system's reason."""
+
+
+class InputError(CodecLLMError):
+    """A file to read cannot be opened (missing, a directory, not readable); the message names it."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived while a conversion had temporary files open.
+
+    Like ``KeyboardInterrupt`` it is no ``Exception``, so ``except Exception`` does not swallow it on its
+    way up; it unwinds the ``finally`` blocks that remove the temporary files. ``signum`` is the signal.
+    """
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

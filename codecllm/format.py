@@ -31,6 +31,7 @@ from .errors import (
     FormatError,
     HeaderDecodeError,
     HeaderTooLargeError,
+    InputError,
     NotCllmError,
     OffsetError,
     ShapeError,
@@ -422,12 +423,12 @@ class CllmFile:
         try:
             self._f: BinaryIO = open(self.path, "rb")
         except OSError as e:
-            raise CodecLLMError(f"{self.path}: {e.strerror or e}") from None
+            raise InputError(f"{self.path}: cannot open: {e.strerror or e}") from None
         try:
             self._parse()
         except OSError as e:
             self._f.close()
-            raise CodecLLMError(f"{self.path}: {e.strerror or e}") from None
+            raise InputError(f"{self.path}: cannot read: {e.strerror or e}") from None
         except FormatError as e:
             self._f.close()
             msg = str(e)
@@ -441,6 +442,8 @@ class CllmFile:
         if size < 8:
             raise TruncatedFileError(f"{self.path}: {size} bytes is too short for a header length (truncated, or not a .cllm file)")
         (n,) = struct.unpack("<Q", self._read(0, 8))
+        if (n > HEADER_CAP or 8 + n > size) and size > 8 and self._read(8, 1) != b"{":
+            raise NotCllmError(f"{self.path}: not a .cllm file (no safetensors header: its first 8 bytes give a length of {n} bytes)")
         if n > HEADER_CAP:
             raise HeaderTooLargeError(f"{self.path}: not a .cllm file (header length {n} is above the cap of {HEADER_CAP} bytes)")
         if self._read(8, min(n, 1, size - 8)) not in (b"{", b""):
@@ -452,7 +455,7 @@ class CllmFile:
         self.file_size = size
         self.entries, metadata = parse_safetensors_header(self._read(8, n), size - self.data_start)
         if METADATA_KEY not in metadata:
-            raise NotCllmError(f"{self.path}: a safetensors file without a CodecLLM document (not a .cllm file)")
+            raise NotCllmError("a safetensors file without a CodecLLM document (not a .cllm file)")
         self.doc = parse_document(metadata[METADATA_KEY], self.entries)
 
     def _read(self, offset: int, n: int) -> bytes:
