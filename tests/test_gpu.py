@@ -6,14 +6,10 @@ import torch
 import codecllm
 from codecllm.errors import DecodeError, DeviceError
 from codecllm.format import CllmFile
+from codecllm.quality import sqnr_db
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-
-
-def sqnr_db(ref, approx):
-    ref, approx = ref.double(), approx.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
