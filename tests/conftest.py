@@ -1,10 +1,17 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+# Without a CUDA device the Triton kernels run under Triton's interpreter (tests/test_int8_kernel_interpreted.py).
+# It is chosen when a kernel is decorated, that is when codecllm.gpu is first imported: so here, before any
+# test module is collected. With a device, the kernels are compiled and tests/test_gpu.py checks them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
