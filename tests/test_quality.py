@@ -40,7 +40,7 @@ def test_a_model_against_itself():
     text = torch.randint(0, 50, (200,))
     c = compare(model, model, text, window=64)
     assert c.tokens == 199 and c.mean_kl == 0 and c.max_kl == 0 and c.top1_agreement == 1
-    assert c.perplexity == pytest.approx(c.reference_perplexity, rel=1e-12)
+    assert c.perplexity == c.reference_perplexity
     assert c.perplexity == pytest.approx(perplexity(model, text, window=64), rel=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_kl_and_top1_match_a_direct_computation(text, window):
     cand = Bigram(ref.table + 0.3 * torch.randn(50, 50, generator=torch.Generator().manual_seed(2)))
     kl, top1 = expected(ref, cand, text)
     c = compare(cand, ref, text, window=window)
-    assert c.mean_kl == pytest.approx(kl, rel=1e-9) and c.top1_agreement == pytest.approx(top1)
+    assert c.mean_kl == pytest.approx(kl, rel=1e-5) and c.top1_agreement == pytest.approx(top1)
     assert 0 < c.mean_kl <= c.p99_kl <= c.max_kl and 0.5 < c.top1_agreement < 1
     assert c.reference_perplexity == pytest.approx(perplexity(ref, text, window=window), rel=1e-5)
     assert c.perplexity == pytest.approx(perplexity(cand, text, window=window), rel=1e-5)
