@@ -103,6 +103,9 @@ def eval_ids(smollm2_src):
     return ids[:4097]
 
 
+PROMPT = "The capital of France is"
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2_src, eval_ids):
     """Perplexity and 24 greedy tokens of the original fp16 checkpoint on the GPU."""
