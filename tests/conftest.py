@@ -1,10 +1,17 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+# Without a CUDA device the Triton kernels run under Triton's interpreter (tests/test_int8_kernel_interpreted.py).
+# It is chosen when a kernel is decorated, that is when codecllm.gpu is first imported: so here, before any
+# test module is collected. With a device, the kernels are compiled and tests/test_gpu.py checks them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -96,16 +103,20 @@ def eval_ids(smollm2_src):
     return ids[:4097]
 
 
+PROMPT = "The capital of France is"
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2_src, eval_ids):
-    """Perplexity and 24 greedy tokens of the original fp16 checkpoint on the GPU."""
+    """The original fp16 checkpoint on the GPU: its logits over ``eval_ids`` (fp16, kept on the GPU, 0.4 GB)
+    and its 24 greedy tokens after ``PROMPT`` (a sample to print)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codecllm.quality import greedy, perplexity
+    from codecllm.quality import greedy, reference_logits
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_src, dtype=torch.float16).to("cuda").eval()
     tok = AutoTokenizer.from_pretrained(smollm2_src)
-    out = perplexity(model, eval_ids), greedy(model, tok, "The capital of France is", 24)
+    out = reference_logits(model, eval_ids), greedy(model, tok, PROMPT, 24)
     del model
     torch.cuda.empty_cache()
     return out

@@ -4,14 +4,10 @@ import torch
 
 from codecllm.codecs import chunk_bounds, codec_ids, decode_cpu, get_codec
 from codecllm.errors import CodecLLMError, DecodeError, UnknownCodecError, UnknownSchemeError
+from codecllm.quality import sqnr_db
 from codecllm.schemes import get_scheme, scheme_ids
 
 LINEAR_MIN_SQNR_DB = 38.0  # int8 per output channel on Gaussian weights gives about 40 dB
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref, approx = ref.double(), approx.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
 
 
 @pytest.mark.parametrize("codec_id", codec_ids())

@@ -2,133 +2,154 @@
 on a GPU only, by scripts/bench_gpu.py). bfloat16 is checked on the GPU only: the interpreter's bf16
 emulation gives wrong values for int8 -> bf16 casts."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-SCRIPT = r"""
-import torch
-from codecllm.gpu import int8_matmul
-from codecllm.gpu.int8_matmul import int8_linear
-torch.manual_seed(0)
-cases = [(1, 40, 70, torch.float32, True, 1), (5, 64, 256, torch.float16, False, 1),
-         (33, 20, 130, torch.float16, True, 1), (16, 16, 32, torch.float32, False, 1),
-         # K split over programs whose partials the last one adds: uneven and empty splits, twice in a row
-         (1, 40, 70, torch.float32, True, 2), (7, 50, 300, torch.float16, False, 3), (16, 33, 64, torch.float32, True, 4),
-         (1, 50, 300, torch.float16, False, 3), (1, 9, 64, torch.float32, False, 4)]
-for m, n, k, dtype, bias, split in cases:
-    int8_matmul._INTERPRET_CONFIG["SPLIT_K"] = split
+import codecllm  # noqa: E402
+from codecllm.kernels import int8_triton as int8_matmul  # noqa: E402
+from codecllm.kernels.int8_triton import RowMatmul, int8_linear  # noqa: E402
+from codecllm.schemes import get_scheme  # noqa: E402
+from codecllm.schemes.int8 import Int8Linear  # noqa: E402
+from codecllm.schemes.int8.cuda import Int8CudaLinear  # noqa: E402
+
+# tests/conftest.py sets TRITON_INTERPRET=1 where torch sees no CUDA device; with one, tests/test_gpu.py
+# checks the compiled kernels instead
+interpreted = pytest.mark.skipif(not int8_matmul._INTERPRET, reason="runs under Triton's interpreter (no CUDA device)")
+
+CPU = torch.device("cpu")
+
+
+def case_id(case) -> str:
+    m, n, k, dtype, bias, split = case
+    return f"{m}x{n}x{k}-{str(dtype).removeprefix('torch.')}-{'bias' if bias else 'nobias'}-split{split}"
+
+
+MATMUL_CASES = [
+    (1, 40, 70, torch.float32, True, 1), (5, 64, 256, torch.float16, False, 1), (33, 20, 130, torch.float16, True, 1),
+    (16, 16, 32, torch.float32, False, 1),
+    # K split over programs whose partials the last one adds: uneven and empty splits
+    (1, 40, 70, torch.float32, True, 2), (7, 50, 300, torch.float16, False, 3), (16, 33, 64, torch.float32, True, 4),
+    (1, 50, 300, torch.float16, False, 3), (1, 9, 64, torch.float32, False, 4),
+]
+
+
+def reference(x, q, s, b):
+    return x.double() @ (q.double() * s.double()[:, None]).T + (b.double() if b is not None else 0)
+
+
+@interpreted
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=case_id)
+def test_int8_matmul(case, monkeypatch):
+    """M x N x K in float32 or float16, with or without a bias, K split over 1 to 4 programs; called twice
+    in a row, with the same bits."""
+    m, n, k, dtype, bias, split = case
+    monkeypatch.setitem(int8_matmul._INTERPRET_CONFIG, "SPLIT_K", split)
+    torch.manual_seed(m * 1000 + n + k + split)
     x = torch.randn(m, k).to(dtype)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     s = torch.rand(n) * 0.01
     b = torch.randn(n).to(dtype) if bias else None
     y = int8_linear(x.reshape(1, m, k), q, s, b)
     assert y.shape == (1, m, n) and y.dtype == dtype
-    ref = x.double() @ (q.double() * s.double()[:, None]).T + (b.double() if bias else 0)
+    ref = reference(x, q, s, b)
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
-    assert err < (1e-6 if dtype == torch.float32 else 2e-3), (m, n, k, dtype, split, err)
+    assert err < (1e-6 if dtype == torch.float32 else 2e-3), err
     assert torch.equal(int8_linear(x.reshape(1, m, k), q, s, b), y)
-# a prepared one-row matmul, called again and again (with and without a K split)
-for split in (1, 3):
-    int8_matmul._INTERPRET_CONFIG["SPLIT_K"] = split
-    for n, bias in ((14, True), (9, False)):
-        x = torch.randn(1, 1, 96)
-        q = torch.randint(-127, 128, (n, 96), dtype=torch.int8)
-        sc = torch.rand(n) * 0.01
-        b = torch.randn(n) if bias else None
-        row = int8_matmul.RowMatmul(q, sc, b)
-        y = row(x)
-        ref = x[0].double() @ (q.double() * sc.double()[:, None]).T + (b.double() if bias else 0)
-        assert y.shape == (1, 1, n) and torch.allclose(y[0].double(), ref, rtol=1e-5, atol=1e-5), (n, split)
+    assert not int8_matmul._scratch_for(CPU).counts.any()  # every call leaves its split counters at zero
+
+
+@interpreted
+@pytest.mark.parametrize("split", [1, 3], ids=lambda s: f"split{s}")
+@pytest.mark.parametrize("n,bias", [(14, True), (9, False)], ids=["14-bias", "9-nobias"])
+def test_row_matmul_called_again_and_again(n, bias, split, monkeypatch):
+    """A prepared one-row matmul (a decode step's), with and without a K split."""
+    monkeypatch.setitem(int8_matmul._INTERPRET_CONFIG, "SPLIT_K", split)
+    torch.manual_seed(n + split)
+    x = torch.randn(1, 1, 96)
+    q = torch.randint(-127, 128, (n, 96), dtype=torch.int8)
+    s = torch.rand(n) * 0.01
+    b = torch.randn(n) if bias else None
+    row = RowMatmul(q, s, b)
+    y = row(x)
+    assert y.shape == (1, 1, n)
+    torch.testing.assert_close(y[0].double(), reference(x[0], q, s, b), rtol=1e-5, atol=1e-5)
+    for _ in range(2):
         assert torch.equal(row(x), y)
-assert not int8_matmul._scratch_for(torch.device("cpu")).counts.any()  # every call leaves its counters at zero
-print("ok")
-"""
+    assert not int8_matmul._scratch_for(CPU).counts.any()
 
 
-def test_int8_matmul_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
-
-
-FUSION_SCRIPT = r"""
-import sys
-import torch
-import codecllm
-from codecllm.gpu.fusion import SiblingFusion
-from codecllm.modules import Int8Linear
-
-model = codecllm.load(sys.argv[1])
-names = {id(m): n for n, m in model.named_modules()}
-fusion = SiblingFusion([m for m in model.modules() if type(m) is Int8Linear])
-model.register_forward_hook(fusion.learn)
-ids = torch.tensor([[5]])
-with torch.no_grad():
-    ref = model(ids).logits  # the first forward learns which layers read the same input
-    groups = sorted(tuple(names[id(m)].rsplit(".", 2)[-1] for m in g.layers) for g in fusion.groups.values())
-    assert set(groups) == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}, groups
-    assert len(groups) == 2 * len(model.model.layers), groups  # one of each per block
-    out = model(ids).logits  # now one launch per group
-    assert not fusion.kept  # every output computed ahead was taken by its layer
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (out - ref).abs().max()
-    longer = torch.tensor([[5, 6, 7]])
-    assert torch.allclose(model(longer).logits[:, -1], model(longer).logits[:, -1])
-print("ok")
-"""
-
-
-def test_sibling_fusion_under_interpreter(tiny_llama, tmp_path):
+@interpreted
+def test_sibling_fusion_matches_layer_by_layer(tiny_llama, tmp_path):
     """q/k/v and gate/up are found from the calls themselves and run as one launch per group for a
-    one-token input, with the same result as layer by layer."""
-    import codecllm
+    one-token input (also a decode step after a prompt), with the result of the same file loaded without
+    fusion, where every layer computes on its own."""
+    from codecllm.gpu.fusion import SiblingFusion
 
     codecllm.convert(tiny_llama, tmp_path / "m.cllm")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", FUSION_SCRIPT, str(tmp_path / "m.cllm")], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    model = codecllm.load(tmp_path / "m.cllm")
+    plain = codecllm.load(tmp_path / "m.cllm")  # the CPU stand-ins: layer by layer, through torch
+    for m in model.modules():  # the CUDA stand-ins, whose kernels run here under the interpreter
+        if type(m) is Int8Linear:
+            m.__class__ = Int8CudaLinear
+    names = {id(m): n for n, m in model.named_modules()}
+    fusion = SiblingFusion([m for m in model.modules() if type(m) is Int8CudaLinear])
+    model.register_forward_hook(fusion.learn)
+    ids, prompt = torch.tensor([[5]]), torch.tensor([[5, 6, 7]])
+    close = dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, **close)  # learns which layers share an input
+        groups = sorted(tuple(names[id(m)].rsplit(".", 2)[-1] for m in g.layers) for g in fusion.groups.values())
+        assert set(groups) == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}, groups
+        assert len(groups) == 2 * len(model.model.layers), groups  # one of each per block
+
+        launches, alone = [], []  # group launches; grouped layers computing on their own
+        for g in fusion.groups.values():
+            g.matmul = lambda x, run=g.matmul: launches.append(1) or run(x)
+            for m in g.layers:
+                m.plain = lambda x, run=m.plain, name=names[id(m)]: alone.append(name) or run(x)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, **close)  # now one launch per group
+        assert len(launches) == len(groups) and alone == [] and not fusion.kept  # each output computed ahead was taken
+
+        # generation: the prompt (several tokens) runs layer by layer, the next step (one token, on the cache) fused
+        launches.clear()
+        kw = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        fused, unfused = model.generate(prompt, **kw), plain.generate(prompt, **kw)
+        assert len(launches) == len(groups) and not fusion.kept
+        assert torch.equal(fused.sequences, unfused.sequences)
+        torch.testing.assert_close(fused.logits[1], unfused.logits[1], **close)
 
 
 def test_fusion_joins_weights_without_copying_when_back_to_back():
     """A group's weight is a view of its members' weights where they lie back to back (as the GPU
     loader decodes them); members that own their weights are moved into one tensor; others are not fused."""
-    import torch
-
-    from codecllm.gpu.fusion import _join
-    from codecllm.modules import Int8Linear
+    join = Int8CudaLinear.join
 
     def layers(weights):
-        return [Int8Linear(w, torch.rand(w.shape[0]), torch.nn.Parameter(torch.randn(w.shape[0]))) for w in weights]
+        return [Int8CudaLinear(get_scheme("int8"), {"qweight": w, "scale": torch.rand(w.shape[0])}, tuple(w.shape), torch.float32,
+                               w.device, *w.shape, torch.nn.Parameter(torch.randn(w.shape[0]))) for w in weights]
 
     arena = torch.randint(-127, 128, (9 * 8 + 8,), dtype=torch.int8)
     run = layers([arena[0:16].view(2, 8), arena[16:40].view(3, 8), arena[40:72].view(4, 8)])
     before = [(m.qweight.clone(), m.scale.clone(), m.bias.detach().clone()) for m in run]
-    group = _join(run)
-    assert group.matmul.qweight.data_ptr() == arena.data_ptr() and group.matmul.qweight.shape == (9, 8)
-    assert group.sizes == [2, 3, 4]
+    matmul = join(run)
+    assert matmul.qweight.data_ptr() == arena.data_ptr() and matmul.qweight.shape == (9, 8)
     for m, (q, s, b) in zip(run, before):  # same values, now views of the group's tensors
         assert torch.equal(m.qweight, q) and torch.equal(m.scale, s) and torch.equal(m.bias, b)
         assert m.qweight.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
-        assert m.scale.untyped_storage().data_ptr() == group.matmul.scale.untyped_storage().data_ptr()
+        assert m.scale.untyped_storage().data_ptr() == matmul.scale.untyped_storage().data_ptr()
 
     own = layers([torch.randint(-127, 128, (n, 8), dtype=torch.int8) for n in (2, 3)])
     before = [m.qweight.clone() for m in own]
-    group = _join(own)
-    assert group.matmul.qweight.shape == (5, 8) and all(torch.equal(m.qweight, q) for m, q in zip(own, before))
+    matmul = join(own)
+    assert matmul.qweight.shape == (5, 8) and all(torch.equal(m.qweight, q) for m, q in zip(own, before))
 
     gap = layers([arena[0:16].view(2, 8), arena[24:48].view(3, 8)])  # a hole between them, in a shared buffer
-    assert _join(gap) is None
+    assert join(gap) is None
 
 
 def test_wrong_input_width_is_an_error():
-    import torch
-
-    from codecllm.gpu.int8_matmul import RowMatmul, int8_linear
-
     q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
     with pytest.raises(ValueError, match="one row of 8"):
         RowMatmul(q, s)(torch.zeros(2, 4))  # 8 elements, but not one row of them
