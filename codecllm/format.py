@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .codecs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, chunk_bounds, get_codec
+from .codecs import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, get_codec
 from .errors import (
     ChecksumError,
     ChunkTableError,
@@ -172,6 +172,8 @@ def parse_safetensors_header(raw: bytes, data_len: int) -> tuple[dict[str, Entry
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise HeaderDecodeError(f"header is not valid JSON: {e.msg} at byte {e.pos}") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
+        raise HeaderDecodeError(f"header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise HeaderDecodeError("header is not a JSON object")
     metadata = obj.pop("__metadata__", {})
@@ -181,7 +183,7 @@ def parse_safetensors_header(raw: bytes, data_len: int) -> tuple[dict[str, Entry
     for name, e in obj.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise HeaderDecodeError(f"tensor {name!r}: entry must hold exactly dtype, shape and data_offsets")
-        if e["dtype"] not in DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
             raise HeaderDecodeError(f"tensor {name!r}: unknown dtype {e['dtype']!r}")
         shape = _check_shape(f"tensor {name!r}", e["shape"])
         offs = e["data_offsets"]
@@ -224,7 +226,7 @@ def _is_hex256(s: Any) -> bool:
 def _parse_record(name: str, obj: Any, entries: dict[str, Entry]) -> Record:
     where = f"record {name!r}"
     obj = _json_obj(where, obj, {"dtype", "shape", "scheme", "codec", "data", "encoded_dtype", "sha256"})
-    if obj["dtype"] not in DTYPES or obj["encoded_dtype"] not in DTYPES:
+    if not all(isinstance(obj[k], str) and obj[k] in DTYPES for k in ("dtype", "encoded_dtype")):
         raise HeaderDecodeError(f"{where}: unknown dtype {obj['dtype']!r} / {obj['encoded_dtype']!r}")
     shape = _check_shape(where, obj["shape"])
     scheme = _json_obj(f"{where} scheme", obj["scheme"], {"id"}, {"sides"})
@@ -240,6 +242,8 @@ def _parse_record(name: str, obj: Any, entries: dict[str, Entry]) -> Record:
     sides = scheme.get("sides", {})
     if not isinstance(sides, dict) or set(sides) != set(s.side_tensors):
         raise HeaderDecodeError(f"{where}: scheme {s.id!r} needs side tensors {list(s.side_tensors)}")
+    if s.side_tensors and len(shape) != 2:  # int8's one scale per row: 2-D weights only (spec 3.1)
+        raise ShapeError(f"{where}: scheme {s.id!r} needs a 2-D shape, got {list(shape)}")
     rows = shape[0] if shape else 1
     for side, ref in sides.items():
         ref = _json_obj(f"{where} side {side!r}", ref, {"tensor", "sha256"})
@@ -261,7 +265,7 @@ def _parse_record(name: str, obj: Any, entries: dict[str, Entry]) -> Record:
             raise ChunkTableError(f"{where}: a {c.id} payload must be a 1-D U8 tensor")
         if not isinstance(chunks, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in chunks):
             raise ChunkTableError(f"{where}: chunks must be a list of positive integers")
-        if len(chunks) != len(chunk_bounds(rec.encoded_nbytes, chunk_size)):
+        if len(chunks) != -(-rec.encoded_nbytes // chunk_size):
             raise ChunkTableError(f"{where}: {len(chunks)} chunks cannot hold {rec.encoded_nbytes} bytes in chunks of {chunk_size}")
         if sum(chunks) != ent.nbytes:
             raise ChunkTableError(f"{where}: chunk sizes add up to {sum(chunks)} bytes, the payload holds {ent.nbytes}")
@@ -279,6 +283,8 @@ def parse_document(text: str, entries: dict[str, Entry]) -> Document:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise HeaderDecodeError(f"CodecLLM document is not valid JSON: {e.msg} at byte {e.pos}") from None
+    except (ValueError, RecursionError) as e:
+        raise HeaderDecodeError(f"CodecLLM document is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise HeaderDecodeError("CodecLLM document is not a JSON object")
     version = obj.get("format_version")
@@ -288,13 +294,16 @@ def parse_document(text: str, entries: dict[str, Entry]) -> Document:
     for key in ("model", "converter", "files", "tensors", "aliases"):
         if not isinstance(obj[key], dict):
             raise HeaderDecodeError(f"CodecLLM document: {key!r} must be a JSON object")
+    model_dtype = obj["model"].get("dtype", "F32")
+    if not isinstance(model_dtype, str) or model_dtype not in ("F64", "F32", "F16", "BF16"):
+        raise HeaderDecodeError(f"CodecLLM document: model dtype {model_dtype!r} is not a floating-point dtype string")
     tensors = {n: _parse_record(n, r, entries) for n, r in obj["tensors"].items()}
     files = {n: _parse_record(n, r, entries) for n, r in obj["files"].items()}
     for n, r in files.items():
         if r.dtype != "U8" or len(r.shape) != 1 or r.scheme != "none":
             raise HeaderDecodeError(f"embedded file {n!r} must be a 1-D U8 record with scheme 'none'")
     for alias, target in obj["aliases"].items():
-        if target not in tensors or alias in tensors:
+        if not isinstance(target, str) or target not in tensors or alias in tensors:
             raise HeaderDecodeError(f"alias {alias!r} -> {target!r} must name a stored tensor and not shadow one")
     used: dict[str, str] = {}
     for r in [*tensors.values(), *files.values()]:

@@ -141,6 +141,10 @@ def _streamed(model, doc, names_of: dict[str, list[str]]) -> set[str]:
 def _place(model, f: CllmFile, rec: Record, names: list[str], stream: bool, dev, dtype, state, decoder) -> None:
     """Put one stored tensor (under each of its names) into the model."""
     modules = {n: _parent(model, n) for n in names}
+    for n, (module, attr) in modules.items():
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != rec.shape:
+            raise FormatError(f"tensor {n!r} has shape {list(rec.shape)} in the file, {list(t.shape)} in the model")
     decode = decoder.decode if decoder is not None else f.decode
     if rec.scheme == "none" and not stream:
         t = decode(rec)
