@@ -165,7 +165,14 @@ def _containers(v: Any, kind: type) -> list[Any]:
 
 
 def mutate_tree(tree: Any, rng: random.Random, names: list[str]) -> str:
-    """Change a parsed JSON tree in place; returns what was done. May put ``Pairs`` (duplicate keys) in it."""
+    """Change a parsed JSON tree in place; returns what was done. May put ``Pairs`` (duplicate keys) in it.
+    Half the time the change falls in one top-level member, so that small ones (the document's ``model``,
+    ``aliases``) are hit as often as the large ``tensors``."""
+    if isinstance(tree, dict) and rng.random() < 0.5:
+        top = [k for k, v in tree.items() if isinstance(v, (dict, list)) and v]
+        if top:
+            k = rng.choice(top)
+            return f"in {k!r}: " + mutate_tree(tree[k], rng, names)
     slots = _slots(tree)
     op = rng.choice(["replace", "replace", "replace", "int", "int", "int", "delete", "add", "list", "swap", "swap", "dup", "rename"])
     if op == "int":
@@ -180,6 +187,8 @@ def mutate_tree(tree: Any, rng: random.Random, names: list[str]) -> str:
         c, k, p = rng.choice(slots)
         del c[k]
         return f"delete {p}"
+    if op == "add" and not _containers(tree, dict):
+        op = "replace"
     if op == "add":
         d = rng.choice(_containers(tree, dict))
         key = rng.choice([*names, *d.keys(), "x", "", "__metadata__", "sides", "chunk_size", "chunks"]) if rng.random() < 0.8 else "k"
@@ -210,6 +219,8 @@ def mutate_tree(tree: Any, rng: random.Random, names: list[str]) -> str:
         op = "replace"
     if op in ("dup", "rename"):
         cands = [(c, k, p) for c, k, p in slots if isinstance(c[k], dict) and c[k]] + [(None, None, ())] * isinstance(tree, dict)
+        if not cands:
+            return "nothing"
         c, k, p = rng.choice(cands)
         d = tree if c is None else c[k]
         if not isinstance(d, dict) or not d:
@@ -469,7 +480,7 @@ class Report:
             self.hangs.append(case)
         else:
             key = (out.name, re.sub(r"\d+", "N", out.message)[:160], out.where)
-            entry = self.foreign.setdefault(key, [0, case, out.message[:300]])
+            entry = self.foreign.setdefault(key, [0, case, " ".join(out.message.split())[:300]])
             entry[0] += 1
             entry[1] = min(entry[1], case)
 
@@ -533,7 +544,10 @@ def _init_worker(seeds: dict[str, bytes], seed: int, load_every: int, time_limit
     _worker.update(seeds=seeds, seed=seed, load_every=load_every, time_limit=time_limit)
     # warm up (imports, thread pools), then cap the address space: an allocation sized by a claim in a
     # corrupt file fails with MemoryError (foreign) instead of taking the machine
-    fuzz(seeds, range(0, 1), seed, load_every=1, time_limit=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "seed.cllm")
+        Path(path).write_bytes(seeds[sorted(seeds)[0]])
+        run_file(path, load=True)
     if mem_gb > 0:
         with open("/proc/self/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
