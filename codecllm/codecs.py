@@ -86,6 +86,10 @@ def _zstd_decode(data: memoryview, size: int) -> bytes:
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
+        # python-zstandard allocates the size a frame header declares: check it before decompressing
+        declared = zstandard.frame_content_size(data)
+        if declared != size:
+            raise DecodeError(f"zstd frame declares {declared} bytes (-1: none), its chunk holds {size}")
         out = dctx.decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise DecodeError(f"zstd frame does not decode: {e}") from None
