@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .codecs import decode_cpu, get_codec, num_chunks
-from .dtypes import DTYPES, itemsize, torch_dtype
+from .dtypes import DTYPES, FLOAT_DTYPES, itemsize, torch_dtype
 from .errors import (
     ChecksumError,
     ChunkTableError,
@@ -74,6 +74,8 @@ def _loads(text: str, what: str) -> Any:
         raise HeaderDecodeError(f"{what} is not valid JSON: {e.msg} at byte {e.pos}") from None
     except RecursionError:
         raise HeaderDecodeError(f"{what} is nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits, and the like
+        raise HeaderDecodeError(f"{what} is not valid JSON: {e}") from None
 
 
 def _obj(where: str, value: Any, keys: set[str], optional: set[str] = frozenset()) -> dict:
@@ -402,6 +404,8 @@ def parse_document(text: str, entries: dict[str, Entry]) -> Document:
     for key, kind in (("architectures", list), ("model_type", (str, type(None))), ("dtype", str)):
         if key in model and not isinstance(model[key], kind):
             raise HeaderDecodeError(f"CodecLLM document: model.{key} has the wrong type")
+    if model.get("dtype", "F32") not in FLOAT_DTYPES:
+        raise HeaderDecodeError(f"CodecLLM document: model.dtype {model['dtype']!r} is not a floating-point dtype")
     used: dict[str, str] = {}
     for r in [*tensors.values(), *files.values()]:
         for p in r.parts.values():

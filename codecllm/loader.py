@@ -217,6 +217,10 @@ def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: t
     Linear's bias may go to the stand-in that replaced it."""
     key = backend.name + ("-stream" if stream else "")
     targets = [(n, *_parent(model, n)) for n in names]
+    for name, module, attr in targets:
+        have = getattr(module, attr).shape
+        if tuple(have) != rec.shape:
+            raise FormatError(f"tensor {name!r} has shape {list(rec.shape)} in the file, {list(have)} in the model")
     stand_ins = [rec.scheme.stand_in(m, key) if a == "weight" else None for _, m, a in targets]
     parts = backend.read_parts(rec, skip=rec.scheme.main_part if stream else None)
     dense = owner = None
