@@ -231,11 +231,13 @@ def test_weights_read_like_a_float_model(tiny_llama, tmp_path):
 def test_resize_token_embeddings(tiny_llama, tmp_path):
     codecllm.convert(tiny_llama, tmp_path / "m.cllm")
     model = codecllm.load(tmp_path / "m.cllm")
-    before = logits(model, IDS)
+    before, rows = logits(model, IDS), model.lm_head.weight.float().clone()
     model.resize_token_embeddings(300)
     assert model.get_input_embeddings().weight.shape == (300, 64) and model.lm_head.weight.shape == (300, 64)
+    assert torch.equal(model.lm_head.weight[:256], rows)  # the old rows, dequantized, now in a float Linear
     after = logits(model, IDS)
-    assert after.shape[-1] == 300 and torch.allclose(after[..., :256], before, atol=1e-5)
+    # the old vocabulary's logits agree up to the int8 kernel's bf16 activations (~2e-3 relative)
+    assert after.shape[-1] == 300 and (after[..., :256] - before).norm() / before.norm() < 1e-2
 
 
 def test_old_checkpoint_keys_are_ignored(tmp_path):

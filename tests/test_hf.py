@@ -127,14 +127,18 @@ def test_save_pretrained_of_a_from_pretrained_model_is_refused(hf_dir, tmp_path)
 
 def test_save_pretrained_of_a_loaded_model_reloads_as_is(cllm, tmp_path):
     """``codecllm.load`` models write their weights dequantized under the original names: transformers
-    reloads them as an ordinary model computing exactly what the codecllm model computes."""
+    reloads them as an ordinary model holding exactly the codecllm model's weights (its logits then differ
+    only by the int8 CPU kernel's bf16 activations)."""
     from transformers import AutoModelForCausalLM
 
     model = codecllm.load(cllm)
     model.save_pretrained(tmp_path / "saved")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
     with torch.no_grad():
-        assert torch.equal(again(IDS).logits, model(IDS).logits)
+        a, b = again(IDS).logits, model(IDS).logits
+    assert (a - b).norm() / a.norm() < 1e-2
 
 
 def test_write_hf_dir_keeps_an_existing_directory(hf_dir, cllm):

@@ -89,8 +89,8 @@ def test_sibling_fusion_matches_layer_by_layer(tiny_llama, tmp_path):
 
     codecllm.convert(tiny_llama, tmp_path / "m.cllm")
     model = codecllm.load(tmp_path / "m.cllm")
-    plain = codecllm.load(tmp_path / "m.cllm")  # the CPU stand-ins: layer by layer, through torch
-    for m in model.modules():  # the CUDA stand-ins, whose kernels run here under the interpreter
+    plain = codecllm.load(tmp_path / "m.cllm")  # no fusion installed: layer by layer
+    for m in [*model.modules(), *plain.modules()]:  # the CUDA stand-ins, whose kernels run here under the interpreter
         if type(m) is Int8Linear:
             m.__class__ = Int8CudaLinear
     names = {id(m): n for n, m in model.named_modules()}
