@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import __version__
-from .codecs import DEFAULT_CHUNK_SIZE, codec_ids
+from .codecs import DEFAULT_CHUNK_SIZE, codec_ids, default_codec_id
 from .errors import CodecLLMError, Interrupted
 from .schemes import default_scheme_id, scheme_ids
 
@@ -66,7 +66,7 @@ class _SizeType(click.ParamType):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .cllm file to write.")
 @click.option("--quant", type=click.Choice(scheme_ids()), default=default_scheme_id(), show_default=True,
               help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
-@click.option("--codec", type=click.Choice(codec_ids()), default="zstd", show_default=True,
+@click.option("--codec", type=click.Choice(codec_ids()), default=default_codec_id(), show_default=True,
               help="Entropy codec of the stored parts (raw: uncompressed).")
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")
 @click.option("--level", type=int, default=None, help="Codec level (zstd: 1-22, default 3).")

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .architecture import empty_model, plan
-from .codecs import DEFAULT_CHUNK_SIZE, get_codec
+from .codecs import DEFAULT_CHUNK_SIZE, default_codec_id, get_codec
 from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
@@ -180,7 +180,7 @@ def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme,
 def check_options(quant: str, codec: str, chunk_size: int, level: int | None) -> tuple[Scheme, _Coding]:
     """The scheme and the coding asked for; each validates its own parameters."""
     scheme = get_scheme(quant)
-    c = get_codec(codec)
+    c = get_codec(codec or default_codec_id())
     options = c.check_options(**({} if level is None else {"level": level}))
     if c.chunked:
         c.check_chunk_size(chunk_size)
@@ -192,7 +192,7 @@ def convert(
     output: str | os.PathLike,
     *,
     quant: str | None = None,
-    codec: str = "zstd",
+    codec: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     level: int | None = None,
     skip: tuple[str, ...] | list[str] = (),

@@ -310,10 +310,10 @@ def _parse_part(where: str, name: str, obj: Any) -> Part:
     sums = _obj(f"{where} sha256", obj["sha256"], {"stored", "decoded"})
     c = get_codec(codec["id"])
     chunk_size = codec.get("chunk_size")
-    if chunk_size is not None and not isinstance(chunk_size, int):
-        raise ChunkTableError(f"{where}: chunk_size must be an integer")
-    if c.chunked and "chunks" not in codec:
+    if c.chunked and ("chunks" not in codec or "chunk_size" not in codec):
         raise ChunkTableError(f"{where}: a {c.id} part needs a chunk table")
+    if not c.chunked and ("chunks" in codec or "chunk_size" in codec):
+        raise ChunkTableError(f"{where}: codec {c.id!r} takes no chunk table")
     return Part(name, _dtype(where, obj["dtype"]), _shape(where, obj["shape"]), _str(f"{where} tensor", obj["tensor"]), c.id,
                 _hex256(where, sums["stored"]), _hex256(where, sums["decoded"]), chunk_size, codec.get("chunks", []))
 
@@ -400,11 +400,12 @@ def parse_document(text: str, entries: dict[str, Entry]) -> Document:
     for alias, target in obj["aliases"].items():
         if not isinstance(target, str) or target not in tensors or alias in tensors:
             raise HeaderDecodeError(f"alias {alias!r} -> {target!r} must name a stored tensor and not shadow one")
-    model = obj["model"]
-    for key, kind in (("architectures", list), ("model_type", (str, type(None))), ("dtype", str)):
-        if key in model and not isinstance(model[key], kind):
-            raise HeaderDecodeError(f"CodecLLM document: model.{key} has the wrong type")
-    if model.get("dtype", "F32") not in FLOAT_DTYPES:
+    model = _obj("CodecLLM document model", obj["model"], {"architectures", "model_type", "dtype"})
+    if not isinstance(model["architectures"], list) or not all(isinstance(a, str) for a in model["architectures"]):
+        raise HeaderDecodeError("CodecLLM document: model.architectures must be a list of strings")
+    if not isinstance(model["model_type"], (str, type(None))):
+        raise HeaderDecodeError("CodecLLM document: model.model_type must be a string or null")
+    if model["dtype"] not in FLOAT_DTYPES:
         raise HeaderDecodeError(f"CodecLLM document: model.dtype {model['dtype']!r} is not a floating-point dtype")
     used: dict[str, str] = {}
     for r in [*tensors.values(), *files.values()]:

@@ -170,7 +170,7 @@ def write_hf_dir(cllm_path: str | os.PathLike, outdir: str | os.PathLike, mode: 
     """A directory ``from_pretrained`` loads after ``import codecllm``: the embedded config (with
     ``quantization_config``), generation config and tokenizer files, and the ``.cllm`` as ``model.safetensors``
     (hard-linked where the file system allows, else copied)."""
-    from .dtypes import FLOAT_DTYPES
+    from .dtypes import FLOAT_DTYPES, torch_dtype
     from .format import CllmFile
 
     register()
@@ -184,7 +184,7 @@ def write_hf_dir(cllm_path: str | os.PathLike, outdir: str | os.PathLike, mode: 
         config = f.config()
         stored = f.doc.model.get("dtype")
         if "dtype" not in config and "torch_dtype" not in config and stored in FLOAT_DTYPES:
-            config["dtype"] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[stored]  # else transformers guesses from U8
+            config["dtype"] = str(torch_dtype(stored)).removeprefix("torch.")  # else transformers guesses from U8
     config["quantization_config"] = config_class.to_dict()
     files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from .architecture import empty_model
 from .dtypes import FLOAT_DTYPES, torch_dtype
 from .errors import CodecLLMError, DeviceError, FormatError
 from .format import CllmFile, Record
-from .qmodules import CpuWorkspace
+from .qmodules import CpuWorkspace, QEmbedding, dense_state_dict
 
 MODES = ("resident", "stream")
 TOKENIZER_FILES_EXCLUDED = ("config.json", "generation_config.json")
@@ -38,7 +38,7 @@ class CpuBackend:
         self.f, self.device = f, device
         self.workspace = CpuWorkspace()
 
-    def reserve(self, records: list[Record]) -> None:
+    def reserve(self, records: list[Record], streamed: set[str]) -> None:
         pass
 
     def read_parts(self, rec: Record, skip: str | None = None) -> dict[str, torch.Tensor]:
@@ -147,7 +147,7 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     order = _in_model_order(model, doc, names_of)
     targets = {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
     streamed = _streamed(doc, targets, backend.name) if mode == "stream" else set()
-    backend.reserve([r for r in order if r.name not in streamed])
+    backend.reserve(order, streamed)
     for rec in order:
         _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
     if "generation_config.json" in doc.files:
@@ -226,10 +226,14 @@ def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: t
     dense = owner = None
     for (name, module, attr), cls in zip(targets, stand_ins):
         base = rec.scheme.stand_in(module, backend.name, exact=False) if cls is None and attr == "weight" else None
-        if base is not None and not stream:  # a subclass keeps its forward; its weight is the stand-in's
+        if base is not None and issubclass(base, QEmbedding) and not stream:
+            # an Embedding subclass (Gemma's scaled embedding) keeps its forward; its weight is the
+            # stand-in's, whose lookup gathers rows (a Linear subclass would dequantize per call: it gets a
+            # plain weight below)
             if owner is None:
                 owner = base.from_float(module, rec.scheme, parts, dtype, backend.device)
             module._parameters["weight"] = owner.weight
+            module.register_state_dict_post_hook(dense_state_dict)
             continue
         if cls is None:  # a plain tensor: the original, or dequantized (shared by tied names)
             if dense is None:

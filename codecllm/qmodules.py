@@ -98,10 +98,10 @@ class QModule(nn.Module):
         if probe.is_floating_point() and probe.dtype != self.compute_dtype:
             self.compute_dtype = probe.dtype
             w = self._parameters.get("weight")
-            if type(w) is QuantizedWeight:  # a tied peer's weight is its owner's: follow the owner
+            if type(w) is QuantizedWeight:  # a tied peer's weight is its owner's: owner and peers follow
                 owner = w.module
-                if owner is self or owner.compute_dtype != w.dtype:
-                    owner.compute_dtype = self.compute_dtype
+                owner.compute_dtype = probe.dtype
+                if owner._parameters["weight"].dtype != probe.dtype:
                     owner._parameters["weight"] = nn.Parameter(QuantizedWeight(owner), requires_grad=False)
                 self._parameters["weight"] = owner._parameters["weight"]
         return self
@@ -224,3 +224,11 @@ class CpuStream:
         parts = {n: self._buffers[n] for n in self.part_names}
         parts[self.main_part] = self._decode(np.empty(self.stream_part.nbytes, dtype=np.uint8))
         return self.scheme.dequantize(parts, self.compute_dtype)
+
+
+def dense_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state-dict hook for a module that keeps its own class but holds a stand-in's weight (an
+    Embedding subclass): its entries are dense, as a stand-in's own are."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and type(value) is QuantizedWeight:
+            state_dict[key] = value.dequantize()

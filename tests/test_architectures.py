@@ -118,3 +118,16 @@ def test_from_pretrained_route(checkpoint, tmp_path, mode):
     via_hf = getattr(transformers, ARCHS[name]).from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert any(isinstance(m, QModule) for m in via_hf.modules())
     assert torch.equal(run(via_hf), run(codecllm.load(tmp_path / "m.cllm", mode=mode)))
+
+
+def test_save_pretrained_writes_what_reloads(checkpoint, tmp_path):
+    """``save_pretrained`` of a loaded int8 model writes dense weights (Embedding subclasses such as
+    Gemma's and BART's included) that transformers reloads as the same weights."""
+    name, src = checkpoint
+    codecllm.convert(src, tmp_path / "m.cllm", chunk_size=4096)
+    model = codecllm.load(tmp_path / "m.cllm")
+    mine = model.state_dict()
+    assert not any(type(t) is QuantizedWeight for t in mine.values())
+    model.save_pretrained(tmp_path / "saved")
+    again = getattr(transformers, ARCHS[name]).from_pretrained(tmp_path / "saved", dtype=torch.float32).state_dict()
+    assert all(torch.equal(mine[k], again[k]) for k in again if k in mine), name

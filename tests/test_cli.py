@@ -111,3 +111,22 @@ def test_dump_escapes_control_characters(runner, tmp_path):
     r = runner.invoke(dump_cmd, [str(tmp_path / "evil.cllm")])
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\\x1b[31m\\n" in r.output
+
+
+def test_skip_that_matches_nothing_warns(runner, tiny_llama, tmp_path):
+    r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "m.cllm"), "--skip", "*.nothing"])
+    assert r.exit_code == 0 and "warning: --skip '*.nothing' matches no module" in r.stderr
+
+
+def test_config_that_disagrees_is_one_line(runner, tmp_path):
+    import json
+
+    from conftest import llama_config, save_tiny
+
+    src = save_tiny(tmp_path / "src", llama_config())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(convert_cmd, [str(src), "-o", str(tmp_path / "m.cllm")])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert "the checkpoint holds shape" in r.output and "the config makes" in r.output

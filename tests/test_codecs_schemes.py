@@ -114,3 +114,12 @@ def test_registries_have_stable_ids_and_clear_errors():
         get_scheme("int3")
     with pytest.raises(UnknownCodecError, match="lzma"):
         get_codec("lzma")
+
+
+@pytest.mark.parametrize("tail", [b"\x00" * 7, "frame"], ids=["trailing-bytes", "second-frame"])
+def test_zstd_chunk_holds_exactly_one_frame(tail):
+    data = np.arange(4096, dtype=np.uint8)
+    frame = get_codec("zstd").encode(memoryview(data), 4096)[0]
+    chunk = frame + (frame if tail == "frame" else tail)
+    with pytest.raises(DecodeError, match="follow its frame"):
+        decode_cpu("zstd", memoryview(chunk), [len(chunk)], 4096, 4096)

@@ -337,3 +337,15 @@ def test_toy_scheme_end_to_end(tiny_llama, tmp_path):
         assert r.exit_code == 0 and "toy-int8-zp" in r.output, r.output
     finally:
         del schemes._REGISTRY["toy-int8-zp"]
+
+
+@pytest.mark.parametrize("order", ["model", "peer-first"])
+def test_tied_weights_stay_tied_through_dtype_changes(tiny_llama_tied, tmp_path, order):
+    codecllm.convert(tiny_llama_tied, tmp_path / "m.cllm")
+    model = codecllm.load(tmp_path / "m.cllm")
+    if order == "peer-first":
+        model.lm_head.to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert head.weight is emb.weight and head.weight.dtype == torch.bfloat16 == head.compute_dtype == emb.compute_dtype
+    assert logits(model, IDS).dtype == torch.float32 and model(IDS).logits.dtype == torch.bfloat16

@@ -499,3 +499,24 @@ def test_part_needs_exactly_its_keys(tmp_path):
     def change(h, d):
         emb(d)["parts"]["scale"]["offset"] = 0
     expect(mutated(tmp_path, change), errors.HeaderDecodeError, r"unexpected \['offset'\]")
+
+
+@pytest.mark.parametrize("field, value", [("chunks", []), ("chunk_size", None)], ids=["empty-chunks", "null-chunk-size"])
+def test_raw_part_has_no_chunk_fields_at_all(tmp_path, field, value):
+    def change(h, d):
+        d["tensors"]["model.norm.weight"]["parts"]["data"]["codec"][field] = value
+    expect(mutated(tmp_path, change), errors.ChunkTableError, "no chunk table")
+
+
+@pytest.mark.parametrize("model", [{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "F16", "extra": 1},
+                                   {"architectures": [1], "model_type": "llama", "dtype": "F16"}, {}], ids=["extra-key", "not-strings", "empty"])
+def test_model_object_has_exactly_its_keys(tmp_path, model):
+    def change(h, d):
+        d["model"] = model
+    expect(mutated(tmp_path, change), errors.HeaderDecodeError, "model")
+
+
+def test_int8_record_of_an_integer_tensor(tmp_path):
+    def change(h, d):
+        emb(d)["dtype"] = "I32"
+    expect(mutated(tmp_path, change), errors.FormatError, "floating-point")

@@ -85,6 +85,8 @@ def test_generate_and_tie_weights(hf_dir, cllm):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     ref = codecllm.load(cllm, dtype=torch.float32)
     model.tie_weights()  # the loader tied what the file ties: nothing left to do, nothing to break
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
     kw = dict(max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(IDS, **kw), ref.generate(IDS, **kw))
 

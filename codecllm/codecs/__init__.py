@@ -27,6 +27,8 @@ class Codec:
 
     id: str = ""
     chunked: bool = False
+    default: bool = False  # the converter's default codec (exactly one registered codec says so)
+    nvcomp_algo: str | None = None  # the nvCOMP batched algorithm that decodes this codec's chunks, if any
     default_options: dict[str, Any] = {}
 
     def check_options(self, **options: Any) -> dict[str, Any]:
@@ -80,6 +82,10 @@ def decoder(codec_id: str, backend: str):
 
 def codec_ids() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def default_codec_id() -> str:
+    return next(k for k, c in _REGISTRY.items() if c.default)
 
 
 def entropy_codec_ids() -> list[str]:

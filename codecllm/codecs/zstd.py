@@ -23,6 +23,8 @@ _local = threading.local()
 class Zstd(Codec):
     id = "zstd"
     chunked = True
+    default = True
+    nvcomp_algo = "Zstd"  # nvCOMP's batched Zstd decodes these frames on CUDA (codecllm.gpu.decoders)
     default_options = {"level": 3}
 
     def check_options(self, **options):
@@ -64,24 +66,24 @@ def _decompressor():
 
 
 def _decode_frame(frame: memoryview, out: memoryview, i: int) -> None:
-    """One frame straight into ``out`` (no bytes object in between), after checking that its header
-    declares exactly ``len(out)`` bytes (python-zstandard would otherwise allocate what a hostile frame
-    declares)."""
+    """One chunk into ``out``: exactly one frame, whose header declares exactly ``len(out)`` bytes (checked
+    first: python-zstandard would otherwise allocate what a hostile frame declares), that decodes to them
+    and ends where the chunk ends (no second frame, no trailing bytes)."""
     import zstandard
 
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != len(out):
             raise DecodeError(f"chunk {i}: its frame holds {declared} bytes, expected {len(out)}")
-        reader = _decompressor().stream_reader(frame)
-        got = 0
-        while got < len(out):
-            k = reader.readinto(out[got:])
-            if k == 0:
-                raise DecodeError(f"chunk {i} decoded to {got} bytes, expected {len(out)}")
-            got += k
+        obj = _decompressor().decompressobj()
+        data = obj.decompress(frame)
     except zstandard.ZstdError as e:
         raise DecodeError(f"chunk {i}: zstd frame does not decode: {e}") from None
+    if len(data) != len(out) or not obj.eof:
+        raise DecodeError(f"chunk {i} decoded to {len(data)} bytes, expected {len(out)}")
+    if obj.unused_data:
+        raise DecodeError(f"chunk {i}: {len(obj.unused_data)} bytes follow its frame")
+    out[:] = data
 
 
 @register_decoder("zstd", "cpu")

@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..codecs import decoder
+from ..codecs import decoder, get_codec
 from ..dtypes import torch_dtype
 from ..errors import DeviceError
 from ..format import CllmFile, Record
 from . import decoders, nvcomp
 from .stream import StreamSchedule, aligned
 
-STREAM_CODECS = ("ans", "zstd")
+STREAM_CODECS = ("ans", "zstd")  # "zstd": keep the file's chunks as they are (any codec nvCOMP decodes)
 
 
 class _Arena:
@@ -57,9 +57,11 @@ class CudaBackend:
         self.main = self.sides = _Arena(device, 0)
         self.schedule = StreamSchedule()
 
-    def reserve(self, records: list[Record]) -> None:
-        self.main = _Arena(self.device, sum(aligned(r.main.nbytes) for r in records))
-        self.sides = _Arena(self.device, sum(aligned(p.nbytes) for r in records for n, p in r.parts.items() if p is not r.main))
+    def reserve(self, records: list[Record], streamed: set[str]) -> None:
+        """Arenas for what is decoded at load: the main parts of the records not streamed, and every other
+        part (scales of streamed layers included)."""
+        self.main = _Arena(self.device, sum(aligned(r.main.nbytes) for r in records if r.name not in streamed))
+        self.sides = _Arena(self.device, sum(aligned(p.nbytes) for r in records for p in r.parts.values() if p is not r.main))
 
     def read_part(self, rec: Record, part) -> torch.Tensor:
         """One part decoded on the device, as its dtype and shape."""
@@ -73,14 +75,15 @@ class CudaBackend:
     def stream(self, layer: nn.Module, rec: Record) -> None:
         """Keep ``rec``'s main part compressed in GPU memory for stream layer ``layer``."""
         part = rec.main
-        if part.codec != "zstd":
-            raise DeviceError(f"codec {part.codec!r} is not streamed on CUDA")
-        if self.stream_codec == "zstd":
-            comp, offsets = decoders.upload(self.f.read_stored(rec, part), part, self.device, nvcomp.ZSTD)
-            sizes, algo = part.chunks, nvcomp.ZSTD
+        algo = get_codec(part.codec).nvcomp_algo
+        if algo is None:
+            raise DeviceError(f"codec {part.codec!r} has no nvCOMP decoder to stream with")
+        if self.stream_codec == "zstd":  # the file's own chunks
+            comp, offsets = decoders.upload(self.f.read_stored(rec, part), part, self.device, algo)
+            sizes = part.chunks
         else:  # decode once, re-encode to ANS in GPU memory
             decoded = torch.empty(part.nbytes, dtype=torch.uint8, device=self.device)
-            decoder("zstd", "cuda")(self.f.read_stored(rec, part), part, decoded, rec.name)
+            decoder(part.codec, "cuda")(self.f.read_stored(rec, part), part, decoded, rec.name)
             comp, offsets, sizes = nvcomp.ans_encode(decoded, part.chunk_size)
             del decoded
             algo = nvcomp.ANS

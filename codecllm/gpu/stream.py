@@ -269,7 +269,9 @@ class CudaStream:
     def dequantized(self) -> torch.Tensor:
         """The weight decoded into a buffer of its own (not the shared workspace)."""
         out = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        self.table.decode(self.schedule.temp, out_ptrs=self.table.out_table(out.data_ptr(), self.chunk_size))
+        temp = torch.empty(max(self.table.temp_bytes, 1), dtype=torch.uint8, device=self.device)  # not the prefetch's
+        self.table.decode(temp, out_ptrs=self.table.out_table(out.data_ptr(), self.chunk_size))
+        self.schedule.check()  # synchronizes: a rare call (model code reading a streamed weight)
         parts = {n: self._buffers[n] for n in self.part_names}
         parts[self.main_part] = out.view(self.main_dtype).view(self.main_shape)
         return self.scheme.dequantize(parts, self.compute_dtype)

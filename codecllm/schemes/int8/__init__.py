@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...dtypes import FLOAT_DTYPES
 from ...errors import CodecLLMError, FormatError
 from ...kernels import cpu as cpu_kernels
 from ...qmodules import CpuStream, QEmbedding, QLinear
@@ -46,8 +47,8 @@ class Int8(Scheme):
         return Int8(transpose=True) if isinstance(module, Conv1D) else self
 
     def layout(self, dtype, shape):
-        if len(shape) != 2:
-            raise FormatError(f"int8 stores 2-D tensors, not shape {list(shape)}")
+        if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+            raise FormatError(f"int8 stores 2-D floating-point tensors, not {dtype} {list(shape)}")
         out_f, in_f = (shape[1], shape[0]) if self.transpose else shape
         return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F32", (out_f,))}
 

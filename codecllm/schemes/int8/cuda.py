@@ -13,6 +13,7 @@ from torch import nn
 
 from ...gpu.stream import CudaStream
 from ...kernels.int8_triton import RowMatmul, int8_linear
+from ...qmodules import QuantizedWeight
 from . import Int8Linear
 
 
@@ -23,9 +24,13 @@ class Int8CudaLinear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runner is not None:
             return self.runner(self, x)
-        return super().forward(x)
+        return self.plain(x)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and type(self._parameters["weight"]) is QuantizedWeight:  # the decode step
+            row = self._row(self._buffers["qweight"], self._buffers["scale"])
+            if row is not None:
+                return row(x)
         return super().forward(x)
 
     def linear(self, x, parts):
@@ -71,6 +76,7 @@ class Int8CudaLinear(Int8Linear):
         bias = torch.cat([m.bias.detach() for m in run]) if run[0].bias is not None else None
         start = 0
         for m in run:
+            m.__dict__.pop("_rows", None)  # prepared for the tensors being replaced
             end = start + m.out_features
             m.qweight, m.scale = weight[start:end], scale[start:end]
             if bias is not None:
@@ -83,3 +89,6 @@ class Int8CudaStreamLinear(CudaStream, Int8CudaLinear):
     """The int8 codes stay compressed in GPU memory and are decoded into the stream workspace."""
 
     fusable = False
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        return Int8Linear.forward(self, x)  # the codes come from the workspace: ``CudaStream.parts``
