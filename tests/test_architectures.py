@@ -31,7 +31,7 @@ ARCHS = {"gpt2": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration", "bart": 
          "qwen2": "Qwen2ForCausalLM", "mistral-bf16": "MistralForCausalLM", "llama-tied-bf16": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM",
          "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 IDS = torch.tensor([[5, 17, 42, 7, 100, 3, 250, 11]])
-INT8_MAX_REL_ERR = 0.03  # per-row int8 on random std-0.02 weights of width 64-128 gives 0.004-0.012
+INT8_MAX_REL_ERR = 0.03  # measured 0.008-0.019 (Gemma2 the largest) with per-row int8 and the CPU kernel's bf16 activations
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
