@@ -88,10 +88,6 @@ def default_codec_id() -> str:
     return next(k for k, c in _REGISTRY.items() if c.default)
 
 
-def entropy_codec_ids() -> list[str]:
-    return sorted(k for k, c in _REGISTRY.items() if c.chunked)
-
-
 # --- the chunking every chunked codec shares --------------------------------------------------------------
 
 def chunk_bounds(nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -125,5 +121,5 @@ def decode_cpu(codec_id: str, payload, chunk_sizes: list[int], chunk_size: int, 
 # the codecs this package ships
 from . import raw, zstd  # noqa: E402,F401
 
-__all__ = ["Codec", "register", "register_decoder", "get_codec", "decoder", "codec_ids", "entropy_codec_ids",
+__all__ = ["Codec", "register", "register_decoder", "get_codec", "decoder", "codec_ids", "default_codec_id",
            "chunk_bounds", "num_chunks", "shared_pool", "decode_cpu", "DEFAULT_CHUNK_SIZE", "DecodeError"]
