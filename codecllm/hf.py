@@ -116,6 +116,12 @@ def _define():
         def is_trainable(self):
             return False
 
+        @property
+        def is_compileable(self):
+            # generate() with a static cache compiles the forward: resident layers are operators in the
+            # graph, stream layers run between graphs (codecllm.qmodules.eager_only)
+            return True
+
     return CodecLLMConfig, CodecLLMQuantizer
 
 

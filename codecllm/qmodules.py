@@ -183,7 +183,18 @@ class QEmbedding(QModule, nn.Embedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme!r}"
 
 
-# --- stream mode on the CPU ----------------------------------------------------------------------------
+# --- stream mode ---------------------------------------------------------------------------------------
+
+STREAM_EAGER = ("codecllm stream mode decodes each weight as the model reaches it, outside compiled graphs; "
+                "load with mode='resident' to compile whole graphs")
+
+
+def eager_only(fn):
+    """``fn`` runs as it is under ``torch.compile`` (a graph break around it, never traced): stream layers
+    decode through ctypes and numpy, and order work between streams with events."""
+    return torch.compiler.disable(fn, reason=STREAM_EAGER)
+
+
 
 
 class CpuWorkspace:
@@ -203,6 +214,10 @@ class CpuStream:
     """Mixin for a stand-in whose main part stays compressed (the file's own payload) and is decoded on
     each call into the model's shared ``CpuWorkspace``; its other parts (built with the stand-in) are
     resident."""
+
+    @eager_only
+    def forward(self, *args):
+        return super().forward(*args)
 
     def set_stream(self, main: str, payload: torch.Tensor, part, workspace: CpuWorkspace) -> None:
         self.main_part = main

@@ -1,13 +1,18 @@
-"""GPU benchmark: a TinyLlama-shaped Llama (random fp16 weights) as fp16 and as int8 .cllm (resident and
-stream, each in-memory codec), all in one run, against the fp16 baseline measured before and after.
+"""GPU benchmark: a Llama with random fp16 weights, TinyLlama-shaped or "L8x4" (Llama-3-8B's shapes, 4
+decoder layers, untied 128,256-token head), as fp16, as torchao int8 weight-only (a peer, benchmark-only
+dependency) and as int8 .cllm (resident and stream, each in-memory codec), each eager or compiled
+(``+compile``), all in one run.
 
+    python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,torchao,torchao+compile,resident,resident+compile
     python scripts/bench_gpu.py [--workdir DIR] [--new-tokens 128] [--out benchmarks/results/gpu.json]
 
-Measures per variant: a) eager generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay
-of a one-token decode step with a static KV cache holding 256 tokens, and of a 16-token forward without
-cache (ms); c) prefill of 2048 tokens (ms); d) generate() at batch 16
-(tokens/s); e) weight memory after load; and whole-model GPU decode throughput per codec (GB/s of
-decoded bytes). Prints a table and writes JSON naming the GPU, driver, torch, triton and nvCOMP.
+Measures per variant: a) generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay of a
+one-token decode step at position 256 of a static KV cache (and, eager, of a 16-token forward without
+cache) (ms); c) prefill of 2048 tokens (ms); d) generate() at batch 16 and 64 (tokens/s); weight memory
+after load; and whole-model GPU decode throughput per codec (GB/s of decoded bytes). Compiled variants
+run ``torch.compile(model)`` for b) and c), and generate() with a static cache (which transformers
+compiles, "reduce-overhead") for a) and d). Prints a table and writes JSON naming the GPU, driver,
+torch, triton and nvCOMP, after every variant.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import TINYLLAMA, write_checkpoint  # noqa: E402
+from synthetic import MODELS, write_checkpoint  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.gpu.graphs import capture  # noqa: E402
@@ -59,54 +64,77 @@ def wall_ms(fn) -> float:
 
 
 @torch.no_grad()
-def measure(model, vocab: int, new_tokens: int, batch16_tokens: int, reps: int = 50) -> dict:
+def measure(model, vocab: int, new_tokens: int, batch_tokens: int, reps: int = 50, compiled: bool = False,
+            batches: tuple[int, ...] = (16, 64), profile: bool = False, generate: bool = True) -> dict:
+    """Eager: the model as it is, generate() with its dynamic cache. Compiled: ``torch.compile(model)`` for the
+    forward passes, and generate() with a static cache, which transformers compiles ("reduce-overhead")."""
     gen = torch.Generator(device=DEV).manual_seed(0)
     out: dict = {}
+    fwd = torch.compile(model) if compiled else model
     prompt = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    # warm-up: kernels compile and autotune for every shape used below
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)
-    model.generate(prompt.repeat(16, 1), max_new_tokens=2, min_new_tokens=2, **kw)
-    model(torch.randint(3, vocab, (1, 2048), device=DEV, generator=gen), use_cache=False, logits_to_keep=1)
-    # a) eager generate, batch 1: one full-length run to warm up, then the median of three
-    run = lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)  # noqa: E731
-    run()
-    torch.cuda.reset_peak_memory_stats()
-    ms = statistics.median(wall_ms(run) for _ in range(3))
-    out["a_generate_ms_per_token"] = ms / new_tokens
-    out["a_tokens_per_s"] = 1000 * new_tokens / ms
-    out["a_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    if compiled:
+        kw["cache_implementation"] = "static"
+    # warm-up: kernels compile and autotune for the shapes used below
+    fwd(torch.randint(3, vocab, (1, 2048), device=DEV, generator=gen), use_cache=False, logits_to_keep=1)
+    if generate:
+        # a) generate, batch 1: one full-length run to warm up, then the median of three
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kw)
+        run = lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)  # noqa: E731
+        run()
+        torch.cuda.reset_peak_memory_stats()
+        ms = statistics.median(wall_ms(run) for _ in range(3))
+        out["a_generate_ms_per_token"] = ms / new_tokens
+        out["a_tokens_per_s"] = 1000 * new_tokens / ms
+        out["a_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     # b) CUDA-graph replay of a one-token decode step with a static KV cache, and of a 16-token forward
-    out["b_graph_decode_step_ms"] = decode_step_ms(model, vocab, gen, reps=2 * reps)
-    ids = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
-    g, _ = capture(lambda: model(ids, use_cache=False))
-    out["b_graph_forward16_ms"] = events_ms(g.replay, reps=reps, warmup=5)
-    del g
+    kernels = {} if profile else None
+    out["b_graph_decode_step_ms"] = decode_step_ms(fwd, model.config, vocab, gen, reps=2 * reps, kernels=kernels)
+    if profile:
+        out["b_step_kernel_ms"] = kernels
+    if not compiled:
+        ids = torch.randint(3, vocab, (1, 16), device=DEV, generator=gen)
+        g, _ = capture(lambda: model(ids, use_cache=False))
+        out["b_graph_forward16_ms"] = events_ms(g.replay, reps=reps, warmup=5)
+        del g
     # c) prefill of 2048 tokens
     long = torch.randint(3, vocab, (1, 2048), device=DEV, generator=gen)
-    out["c_prefill2048_ms"] = events_ms(lambda: model(long, use_cache=False, logits_to_keep=1), reps=5)
-    # d) generate, batch 16
-    batch = torch.randint(3, vocab, (16, 16), device=DEV, generator=gen)
-    run16 = lambda: model.generate(batch, max_new_tokens=batch16_tokens, min_new_tokens=batch16_tokens, **kw)  # noqa: E731
-    run16()
-    ms = statistics.median(wall_ms(run16) for _ in range(2))
-    out["d_batch16_tokens_per_s"] = 16 * 1000 * batch16_tokens / ms
+    out["c_prefill2048_ms"] = events_ms(lambda: fwd(long, use_cache=False, logits_to_keep=1), reps=10)
+    # d) generate, batches of 16 and 64 prompts
+    for b in batches if generate else ():
+        batch = torch.randint(3, vocab, (b, 16), device=DEV, generator=gen)
+        run_b = lambda: model.generate(batch, max_new_tokens=batch_tokens, min_new_tokens=batch_tokens, **kw)  # noqa: E731
+        run_b()
+        ms = statistics.median(wall_ms(run_b) for _ in range(2))
+        out[f"d_batch{b}_tokens_per_s"] = b * 1000 * batch_tokens / ms
     return out
 
 
-def decode_step_ms(model, vocab: int, gen, context: int = 256, reps: int = 100) -> float:
+def decode_step_ms(model, config, vocab: int, gen, context: int = 256, reps: int = 100, kernels: dict | None = None) -> float:
     """CUDA-graph replay of a one-token forward at position ``context`` of a static KV cache. (Some
     transformers versions take the position from the cache's fill level on the device, so each replay
-    appends one more token: the cache has room for every replay.)"""
+    appends one more token: the cache has room for every replay, 512 positions in all.)"""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=context + 1024)
+    cache = StaticCache(config=config, max_cache_len=context + 256)
     prompt = torch.randint(3, vocab, (1, context), device=DEV, generator=gen)
     model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(context, device=DEV))
     tok = torch.randint(3, vocab, (1, 1), device=DEV, generator=gen)
     pos = torch.tensor([context], device=DEV)
     g, _ = capture(lambda: model(tok, past_key_values=cache, use_cache=True, cache_position=pos, position_ids=pos[None]))
     ms = events_ms(g.replay, reps=reps, warmup=min(reps, 10))
+    if kernels is not None:  # where a replay's time goes, per kernel name
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                g.replay()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                per[e.name[:90]] = per.get(e.name[:90], 0.0) + e.device_time / 10 / 1000
+        kernels.update(sorted(per.items(), key=lambda kv: -kv[1])[:25])
     del g, cache
     return ms
 
@@ -173,52 +201,79 @@ def environment() -> dict:
     }
 
 
+def load_variant(name: str, src: Path, cllm: Path):
+    """``fp16`` (transformers), ``torchao`` (int8 weight-only, torchao's ``quantize_``), or a codecllm mode
+    (``resident``, ``stream-ans``, ``stream-zstd``); a ``+compile`` suffix is taken off by the caller."""
+    from transformers import AutoModelForCausalLM
+
+    if name in ("fp16", "torchao"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
+        if name == "torchao":  # a benchmark-only dependency
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            quantize_(model, Int8WeightOnlyConfig())
+        return model
+    mode, _, codec = name.partition("-")
+    return codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--model", choices=sorted(MODELS), default="tinyllama")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch16-tokens", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=TINYLLAMA["num_hidden_layers"])
-    ap.add_argument("--variants", default="fp16,resident,stream-ans,stream-zstd,fp16")
+    ap.add_argument("--batch-tokens", type=int, default=64, help="new tokens per generate() at batch 16 and 64")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--variants", default="fp16,resident,stream-ans,stream-zstd,fp16",
+                    help="fp16, torchao, resident, stream-ans, stream-zstd, each optionally with +compile")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    ap.add_argument("--profile-step", action="store_true", help="record where the decode step's time goes, per kernel")
+    ap.add_argument("--peers-step-only", action="store_true",
+                    help="torchao: decode step and prefill only (its compiled generate() takes minutes to compile)")
     args = ap.parse_args()
-    cfg = dict(TINYLLAMA, num_hidden_layers=args.layers)
-    result = {"environment": environment(), "model": cfg, "variants": [], "errors": {}}
+    cfg = dict(MODELS[args.model])
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    batches = tuple(int(b) for b in args.batches.split(",") if b)
+    result = {"environment": environment(), "model": {"name": args.model, **cfg}, "variants": [], "errors": {}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t = time.perf_counter()
-        src = write_checkpoint(Path(tmp) / "tinyllama", cfg)
-        out = Path(tmp) / "tinyllama.cllm"
+        src = write_checkpoint(Path(tmp) / args.model, cfg)
+        out = Path(tmp) / f"{args.model}.cllm"
         summary = codecllm.convert(src, out)
         result["conversion"] = {"seconds": time.perf_counter() - t, "file_bytes": out.stat().st_size,
                                 "quantized": summary.to_json()["quantized_weights"]}
         print(f"converted in {result['conversion']['seconds']:.1f} s: {out.stat().st_size / 1e9:.3f} GB", flush=True)
-        try:
-            result["decode_throughput"] = decode_throughput(out)
-        except Exception as e:  # keep measuring the rest
-            result["errors"]["decode_throughput"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
+        if any(v.startswith("stream") for v in args.variants.split(",")):
+            try:
+                result["decode_throughput"] = decode_throughput(out)
+            except Exception as e:  # keep measuring the rest
+                result["errors"]["decode_throughput"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
         for name in args.variants.split(","):
             gc.collect()
             torch.cuda.empty_cache()
+            torch._dynamo.reset()
             base = torch.cuda.memory_allocated()
             row = {"variant": name}
+            model = None
             try:
                 t = time.perf_counter()
-                if name == "fp16":
-                    from transformers import AutoModelForCausalLM
-
-                    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
-                else:
-                    mode, _, codec = name.partition("-")
-                    model = codecllm.load(out, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
+                base_name, _, compile_flag = name.partition("+")
+                model = load_variant(base_name, src, out)
                 torch.cuda.synchronize()
                 row["load_s"] = time.perf_counter() - t
                 row["weight_bytes"] = torch.cuda.memory_allocated() - base
                 print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB", flush=True)
                 # zstd decodes at about a tenth of ANS's speed: fewer tokens keep the run short
-                slow = name == "stream-zstd"
+                slow = base_name == "stream-zstd"
                 row["new_tokens"] = 8 if slow else args.new_tokens
-                row.update(measure(model, cfg["vocab_size"], row["new_tokens"], 2 if slow else args.batch16_tokens, 3 if slow else 50))
+                t = time.perf_counter()
+                row.update(measure(model, cfg["vocab_size"], row["new_tokens"], 2 if slow else args.batch_tokens, 3 if slow else 50,
+                                   compiled=compile_flag == "compile", batches=batches, profile=args.profile_step,
+                                   generate=not (args.peers_step_only and base_name == "torchao")))
+                row["measure_s"] = time.perf_counter() - t
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -226,30 +281,44 @@ def main() -> None:
                 model = None
             result["variants"].append(row)
             print(json.dumps(row), flush=True)
-    from codecllm.kernels import int8_triton as int8_matmul
-
-    result["environment"]["int8_direct_launch"] = all(l.direct for l in int8_matmul._compiled.values())
-    result["int8_configs"] = int8_matmul.tuned_configs()
+            record_kernels(result)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # so far: a cut run keeps what it measured
+    record_kernels(result)
     report(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
 
 
+def record_kernels(result: dict) -> None:
+    from codecllm.kernels import int8_triton
+
+    result["environment"]["int8_direct_launch"] = all(l.direct for l in int8_triton._compiled.values())
+    result["int8_configs"] = int8_triton.tuned_configs()
+    result["int8_large_m_paths"] = {str(k): v for k, v in int8_triton._path.items()}
+
+
 def report(result: dict) -> None:
     rows = result["variants"]
-    fp16 = [r for r in rows if r["variant"] == "fp16" and "error" not in r]
-    ref = {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant"} if fp16 else {}
+    def fp16_ref(compiled: bool) -> dict:
+        fp16 = [r for r in rows if r["variant"] == ("fp16+compile" if compiled else "fp16") and "error" not in r]
+        return {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant" and k in fp16[-1]} if fp16 else {}
+
+    refs = {False: fp16_ref(False), True: fp16_ref(True)}
     cols = [("weight_bytes", "weights GB", 1e9, False), ("a_generate_ms_per_token", "a) ms/tok", 1, True),
             ("a_peak_gpu_bytes", "a) peak GB", 1e9, False), ("b_graph_decode_step_ms", "b) step ms", 1, True),
             ("b_graph_forward16_ms", "b) graph16 ms", 1, True),
-            ("c_prefill2048_ms", "c) prefill ms", 1, True), ("d_batch16_tokens_per_s", "d) b16 tok/s", 1, False)]
+            ("c_prefill2048_ms", "c) prefill ms", 1, True), ("d_batch16_tokens_per_s", "d) b16 tok/s", 1, False),
+            ("d_batch64_tokens_per_s", "d) b64 tok/s", 1, False)]
     print(f"\n{result['environment']['gpu']}, torch {result['environment']['torch']}, nvCOMP {result['environment']['nvcomp']}")
-    print(f"{'variant':<13}" + "".join(f"{c[1]:>15}" for c in cols))
+    print(f"{'variant':<19}" + "".join(f"{c[1]:>15}" for c in cols))
+    print("(ratios: against fp16 compiled for +compile rows, fp16 eager otherwise; weights and peak: fraction of fp16)")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<13}  error: {r['error'][:100]}")
+            print(f"{r['variant']:<19}  error: {r['error'][:100]}")
             continue
+        ref = refs[r["variant"].endswith("+compile")]
         cells = []
         for key, _, div, lower_better in cols:
             v = r.get(key)
@@ -258,7 +327,7 @@ def report(result: dict) -> None:
                 x = ref[key] / v if lower_better else v / ref[key]
                 rel = f" {x:.2f}x" if key not in ("weight_bytes", "a_peak_gpu_bytes") else f" {v / ref[key]:.2f}"
             cells.append(f"{v / div:.3f}{rel}" if v is not None else "-")
-        print(f"{r['variant']:<13}" + "".join(f"{c:>15}" for c in cells))
+        print(f"{r['variant']:<19}" + "".join(f"{c:>15}" for c in cells))
     for codec, d in result.get("decode_throughput", {}).items():
         print(f"whole-model decode, {codec}: {d['decoded_bytes'] / 1e9:.3f} GB in {d['ms']:.2f} ms = {d['GBps']:.0f} GB/s "
               f"(ratio {d['decoded_bytes'] / d['compressed_bytes']:.3f}x)")

@@ -86,7 +86,7 @@ def graph16(model) -> float:
 
 def step(model) -> float:
     with torch.no_grad():
-        return decode_step_ms(model, 32000, torch.Generator(device=DEV).manual_seed(0))
+        return decode_step_ms(model, model.config, 32000, torch.Generator(device=DEV).manual_seed(0))
 
 
 def swap(model, make):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codecllm.kernels.int8_triton import RowMatmul, int8_linear
+from codecllm.kernels.int8_triton import Int8Matmul, int8_linear
 from codecllm.schemes import get_scheme
 from codecllm.schemes.int8.cuda import Int8CudaLinear
 
@@ -46,14 +46,14 @@ def main() -> None:
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
     s = torch.rand(n, device=DEV) * 1e-3
     layer = Int8CudaLinear(get_scheme("int8"), {"qweight": q, "scale": s}, (n, k), torch.float16, q.device, n, k, None)
-    row = RowMatmul(q, s)
+    row = Int8Matmul(q, s)
     q3, s3 = torch.cat([q, q, q]), torch.cat([s, s, s])
-    row3 = RowMatmul(q3, s3)
+    row3 = Int8Matmul(q3, s3)
     rows = {
         "fp16 nn.Linear": per_call_us(lambda: lin(x)),
         "fp16 F.linear": per_call_us(lambda: torch.nn.functional.linear(x, lin.weight)),
         "int8 Int8CudaLinear": per_call_us(lambda: layer(x)),
-        "int8 RowMatmul": per_call_us(lambda: row(x)),
+        "int8 Int8Matmul": per_call_us(lambda: row(x)),
         "int8 int8_linear()": per_call_us(lambda: int8_linear(x, q, s)),
         "int8 group of 3 (one launch + split)": per_call_us(lambda: row3(x).split([n, n, n], dim=-1)),
         "torch.empty": per_call_us(lambda: torch.empty((1, 1, n), dtype=torch.float16, device=DEV)),

@@ -15,6 +15,15 @@ TINYLLAMA = dict(
     bos_token_id=1, eos_token_id=2,
 )
 
+# Llama-3-8B's shapes (its Linear layers are what users run) with 4 decoder layers and the untied head
+L8X4 = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, dtype="float16",
+    bos_token_id=1, eos_token_id=2,
+)
+MODELS = {"tinyllama": TINYLLAMA, "l8x4": L8X4}
+
 
 def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]

@@ -31,13 +31,13 @@ def test_fused_int8_matmul(dtype, m):
 
 def test_row_matmul_input_layouts():
     """The prepared one-row matmul takes any input of K elements: strided or not 16-byte aligned."""
-    from codecllm.kernels.int8_triton import RowMatmul
+    from codecllm.kernels.int8_triton import Int8Matmul
 
     n, k = 768, 1536
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
     s = torch.rand(n, device=DEV) * 0.01
     b = torch.randn(n, device=DEV).half()
-    row = RowMatmul(q, s, b)
+    row = Int8Matmul(q, s, b)
     base = torch.randn(3, 2 * k + 8, device=DEV).half()
     for x in (base[0, :k].view(1, 1, k), base[1, 1:k + 1], base[2, ::2][:k]):
         ref = x.double() @ (q.double() * s.double()[:, None]).T + b.double()
@@ -50,12 +50,12 @@ def test_public_launch_path_matches_direct():
     """Where Triton's launcher takes other arguments, launches fall back to the JIT's public path with
     the tuned configuration: same bits."""
     from codecllm.kernels import int8_triton as int8_matmul
-    from codecllm.kernels.int8_triton import RowMatmul, int8_linear
+    from codecllm.kernels.int8_triton import Int8Matmul, int8_linear
 
     n, k = 640, 1024
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
     s = torch.rand(n, device=DEV) * 0.01
-    row = RowMatmul(q, s)
+    row = Int8Matmul(q, s)
     xs = [torch.randn(m, k, device=DEV).half() for m in (1, 16)]
     direct = [row(xs[0]), int8_linear(xs[1], q, s)]
     direct = [row(xs[0]), int8_linear(xs[1], q, s)]  # the first calls tuned; these launched directly
@@ -274,3 +274,93 @@ def test_architectures_on_gpu(tmp_path, name, mode):
     gpu_model = codecllm.load(tmp_path / "m.cllm", device=DEV, mode=mode, dtype=torch.float32)
     assert sqnr_db(cpu, run(gpu_model, DEV)) > 40
     assert getattr(transformers, ARCHS[name]) is type(gpu_model)
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------
+
+# Compiled against eager logits: our operator computes the same bits in both (the same kernel on the same
+# input); what differs is Inductor's fusion of the norms, RoPE and softmax, which rounds fp16 intermediates
+# differently. The floor is the one a dense fp16 model meets against itself compiled (measured here
+# alongside; see test output), less a margin: SQNR of 40 dB is 1% of the logits' RMS.
+COMPILED_MIN_SQNR_DB = 40
+
+
+def _compile_model(tmp_path, **kw):
+    from conftest import llama_config, save_tiny
+
+    src = save_tiny(tmp_path / "tiny", llama_config(hidden_size=512, intermediate_size=1408, vocab_size=2048, **kw))
+    codecllm.convert(src, tmp_path / "tiny.cllm")
+    return src, tmp_path / "tiny.cllm"
+
+
+@pytest.mark.parametrize("first", ["compiled-first", "eager-first"])
+def test_compiled_resident_model_has_no_graph_break(tmp_path, first):
+    """A resident model traces as one graph with one ``codecllm::int8_linear`` per Linear, also when it is
+    compiled before its first call; compiled (fullgraph, and "reduce-overhead" CUDA graphs) it computes
+    what the eager model computes, within the stated tolerance, at one token and at 16."""
+    from transformers import AutoModelForCausalLM
+
+    src, path = _compile_model(tmp_path)
+    model = codecllm.load(path, device=DEV)
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
+    op = torch.ops.codecllm.int8_linear
+    with torch.no_grad():
+        for m in (1, 16):
+            ids = torch.randint(0, 2048, (1, m), device=DEV)
+            if first == "eager-first":
+                model(ids)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(ids)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            calls = [n for g in explained.graphs for n in g.graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
+            fusion = model.model.layers[0].self_attn.q_proj.runner.__self__
+            grouped = sum(len(g.layers) - 1 for g in fusion.groups.values()) if m == 1 else 0  # a group: one call
+            assert len(calls) == sum(type(x).__name__ == "Int8CudaLinear" for x in model.modules()) - grouped
+            eager = model(ids).logits.float()
+            dense_eager = dense(ids).logits.float()
+            for mode in ("default", "reduce-overhead"):
+                torch._dynamo.reset()
+                compiled = torch.compile(model, fullgraph=True, mode=mode)
+                got = [compiled(ids).logits.float().clone() for _ in range(3)][-1]  # reduce-overhead records, then replays
+                dense_got = torch.compile(dense, mode=mode)(ids).logits.float()
+                print(f"\nM={m} {mode}: SQNR compiled vs eager, int8 {sqnr_db(eager, got):.1f} dB, "
+                      f"dense fp16 {sqnr_db(dense_eager, dense_got):.1f} dB")
+                assert sqnr_db(eager, got) > COMPILED_MIN_SQNR_DB
+                assert torch.equal(got.argmax(-1), eager.argmax(-1))
+
+
+def test_compiled_generate_with_static_cache(tmp_path):
+    """transformers' own compiled generation (a static cache compiles the forward) on a loaded model: its
+    logits within the tolerance of the same generation uncompiled."""
+    _, path = _compile_model(tmp_path)
+    model = codecllm.load(path, device=DEV)
+    prompt = torch.randint(0, 2048, (2, 12), device=DEV)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              cache_implementation="static", pad_token_id=0)
+    torch._dynamo.reset()
+    eager = model.generate(prompt, disable_compile=True, **kw)
+    compiled = model.generate(prompt, **kw)
+    compiled = model.generate(prompt, **kw)  # replays what the first call recorded
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for e, c in zip(eager.logits, compiled.logits):
+        assert sqnr_db(e.float(), c.float()) > COMPILED_MIN_SQNR_DB
+
+
+def test_compiled_stream_model(tmp_path):
+    """Stream layers run between compiled graphs and compute what they compute eagerly; ``fullgraph=True``
+    is refused with the package's reason, never a crash."""
+    from codecllm.qmodules import STREAM_EAGER
+
+    _, path = _compile_model(tmp_path)
+    model = codecllm.load(path, device=DEV, mode="stream")
+    ids = torch.randint(0, 2048, (1, 7), device=DEV)
+    with torch.no_grad():
+        eager = model(ids).logits.float()
+        torch._dynamo.reset()
+        got = torch.compile(model)(ids).logits.float()
+        assert sqnr_db(eager, got) > COMPILED_MIN_SQNR_DB
+        got = torch.compile(model, mode="reduce-overhead")(ids).logits.float()
+        assert sqnr_db(eager, got) > COMPILED_MIN_SQNR_DB
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=STREAM_EAGER[:40]):
+            torch.compile(model, fullgraph=True)(ids)

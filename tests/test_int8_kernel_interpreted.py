@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 import codecllm  # noqa: E402
 from codecllm.kernels import int8_triton as int8_matmul  # noqa: E402
-from codecllm.kernels.int8_triton import RowMatmul, int8_linear  # noqa: E402
+from codecllm.kernels.int8_triton import Int8Matmul, int8_linear  # noqa: E402
 from codecllm.schemes import get_scheme  # noqa: E402
 from codecllm.schemes.int8 import Int8Linear  # noqa: E402
 from codecllm.schemes.int8.cuda import Int8CudaLinear  # noqa: E402
@@ -23,7 +23,8 @@ CPU = torch.device("cpu")
 
 def case_id(case) -> str:
     m, n, k, dtype, bias, split = case
-    return f"{m}x{n}x{k}-{str(dtype).removeprefix('torch.')}-{'bias' if bias else 'nobias'}-split{split}"
+    bm, split = split if isinstance(split, tuple) else (16, split)
+    return f"{m}x{n}x{k}-{str(dtype).removeprefix('torch.')}-{'bias' if bias else 'nobias'}-split{split}" + (f"-rows{bm}" if bm != 16 else "")
 
 
 MATMUL_CASES = [
@@ -32,6 +33,8 @@ MATMUL_CASES = [
     # K split over programs whose partials the last one adds: uneven and empty splits
     (1, 40, 70, torch.float32, True, 2), (7, 50, 300, torch.float16, False, 3), (16, 33, 64, torch.float32, True, 4),
     (1, 50, 300, torch.float16, False, 3), (1, 9, 64, torch.float32, False, 4),
+    # medium M (batches of 17-64) on 32-row tiles, K split in two: two row tiles, each with its partials
+    (40, 45, 300, torch.float16, True, (32, 2)),
 ]
 
 
@@ -45,7 +48,9 @@ def test_int8_matmul(case, monkeypatch):
     """M x N x K in float32 or float16, with or without a bias, K split over 1 to 4 programs; called twice
     in a row, with the same bits."""
     m, n, k, dtype, bias, split = case
+    bm, split = split if isinstance(split, tuple) else (16, split)
     monkeypatch.setitem(int8_matmul._INTERPRET_CONFIG, "SPLIT_K", split)
+    monkeypatch.setitem(int8_matmul._INTERPRET_CONFIG, "BLOCK_M", bm)
     torch.manual_seed(m * 1000 + n + k + split)
     x = torch.randn(m, k).to(dtype)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -71,7 +76,7 @@ def test_row_matmul_called_again_and_again(n, bias, split, monkeypatch):
     q = torch.randint(-127, 128, (n, 96), dtype=torch.int8)
     s = torch.rand(n) * 0.01
     b = torch.randn(n) if bias else None
-    row = RowMatmul(q, s, b)
+    row = Int8Matmul(q, s, b)
     y = row(x)
     assert y.shape == (1, 1, n)
     torch.testing.assert_close(y[0].double(), reference(x[0], q, s, b), rtol=1e-5, atol=1e-5)
@@ -151,9 +156,71 @@ def test_fusion_joins_weights_without_copying_when_back_to_back():
 
 def test_wrong_input_width_is_an_error():
     q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
-    with pytest.raises(ValueError, match="one row of 8"):
-        RowMatmul(q, s)(torch.zeros(2, 4))  # 8 elements, but not one row of them
+    with pytest.raises(ValueError, match="4 features, the weight 8"):
+        Int8Matmul(q, s)(torch.zeros(2, 4))  # 8 elements, but not rows of 8
     with pytest.raises(ValueError, match="6 features, the weight 8"):
         int8_linear(torch.zeros(3, 6), q, s)
     with pytest.raises(ValueError, match="contiguous"):
-        RowMatmul(q.t().contiguous().t(), s)
+        Int8Matmul(q.t().contiguous().t(), s)
+
+
+@interpreted
+@pytest.mark.parametrize("m", [2, 5, 70], ids=lambda m: f"M{m}")
+def test_prepared_matmul_takes_any_number_of_rows(m):
+    """A layer's prepared matmul computes several rows (prefill, batches) as the generic function does."""
+    torch.manual_seed(m)
+    x = torch.randn(1, m, 48)
+    q = torch.randint(-127, 128, (20, 48), dtype=torch.int8)
+    s = torch.rand(20) * 0.01
+    b = torch.randn(20)
+    mm = Int8Matmul(q, s, b)
+    y = mm(x)
+    assert y.shape == (1, m, 20) and torch.equal(y, int8_linear(x, q, s, b))
+    torch.testing.assert_close(y[0].double(), reference(x[0], q, s, b), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_int8_linear_operator():
+    """``codecllm::int8_linear`` passes torch.library's checks (schema, fake tensor, no aliasing)."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (12, 32), dtype=torch.int8)
+    s = torch.rand(12) * 0.01
+    for x, b in ((torch.randn(1, 32), torch.randn(12)), (torch.randn(2, 3, 32), None)):
+        torch.library.opcheck(torch.ops.codecllm.int8_linear, (x, q, s, b))
+        assert torch.equal(torch.ops.codecllm.int8_linear(x, q, s, b), int8_linear(x, q, s, b))
+
+
+@interpreted
+@pytest.mark.parametrize("fused", [False, True], ids=["first-call-compiled", "after-eager-calls"])
+def test_compiled_cuda_stand_ins_trace_without_graph_breaks(tiny_llama, tmp_path, fused):
+    """The CUDA stand-ins (run here under the interpreter) trace into one graph, whether the model is
+    compiled before its first call or after eager calls taught it its sibling groups, and compute what
+    the eager model computes."""
+    from codecllm.gpu import fusion
+
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm")
+    model = codecllm.load(tmp_path / "m.cllm")
+    for m in model.modules():
+        if type(m) is Int8Linear:
+            m.__class__ = Int8CudaLinear
+    installed = fusion.SiblingFusion([m for m in model.modules() if type(m) is Int8CudaLinear])
+    model.register_forward_hook(installed.learn)
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        if fused:
+            eager = model(ids).logits
+            assert installed.groups
+        explained = torch._dynamo.explain(model)(ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        op = torch.ops.codecllm.int8_linear
+        calls = [n for g in explained.graphs for n in g.graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
+        grouped = sum(len(g.layers) - 1 for g in installed.groups.values())  # a group is one call
+        assert len(calls) == sum(type(m) is Int8CudaLinear for m in model.modules()) - grouped >= 7
+        assert grouped == (3 * len(model.model.layers) if fused else 0)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        got = compiled(ids).logits
+        assert all(g.traced_outs is None for g in installed.groups.values())  # nothing outlives the trace
+        if not fused:
+            assert installed.learning  # a compiled forward learns nothing: eager calls still can
+            eager = model(ids).logits
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)

@@ -96,8 +96,10 @@ class CudaBackend:
     def finish(self, model: nn.Module) -> None:
         """Let sibling layers fuse; give the stream layers their workspaces, check that every streamed
         weight decodes once, and hook the model's forward (prefetches stay inside one forward)."""
+        from ..kernels.int8_triton import reserve_scratch
         from . import fusion
 
+        reserve_scratch(self.device)
         fusion.install(model)
         decoders.release(self.device)
         self.main = self.sides = None

@@ -31,6 +31,24 @@ class _Group:
     def __init__(self, layers: list[nn.Module], matmul: Callable[[torch.Tensor], torch.Tensor]):
         self.layers, self.matmul = layers, matmul
         self.sizes = [m.out_features for m in layers]
+        self.traced_outs: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def traced(self, layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
+        """Under ``torch.compile``: the group's first layer computes the whole group with one ``op`` call;
+        the others take their slices when called on that same input, later in the same traced forward (the
+        last one clears them, so that nothing outlives the trace). Any other call computes on its own."""
+        i = self.layers.index(layer)
+        if i == 0:
+            mm = self.matmul
+            outs = list(op(x, mm.qweight, mm.scale, mm.bias).split(self.sizes, dim=-1))
+            self.traced_outs = (x, outs)
+            return outs[0]
+        kept = self.traced_outs
+        if kept is not None and kept[0] is x:
+            if i == len(self.layers) - 1:
+                self.traced_outs = None
+            return kept[1][i]
+        return op(x, layer.qweight, layer.scale, layer.bias)
 
 
 class SiblingFusion:
@@ -76,7 +94,7 @@ class SiblingFusion:
 
     def learn(self, *_) -> None:
         """After the first forward: the runs of consecutive calls on one unmodified input are the groups."""
-        if self.learning:
+        if self.learning and not torch.compiler.is_compiling():  # a compiled forward calls no runner
             self._close()
             self.learning, self.last = False, None
 
@@ -85,7 +103,9 @@ class SiblingFusion:
         if len(run) > 1 and not any(id(m) in self.grouped for m in run):
             matmul = type(run[0]).join(run)
             if matmul is not None:
-                self.groups[id(run[0])] = _Group(run, matmul)
+                group = self.groups[id(run[0])] = _Group(run, matmul)
+                for m in run:
+                    m.group = group
                 self.grouped.update(id(m) for m in run)
 
 

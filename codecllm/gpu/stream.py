@@ -19,6 +19,7 @@ from torch import nn
 
 from ..dtypes import torch_dtype
 from ..errors import DecodeError
+from ..qmodules import eager_only
 from . import nvcomp
 
 SLOTS = 2
@@ -76,8 +77,8 @@ class StreamSchedule:
         for l in layers:
             l.table.decode(self.temp, out_ptrs=l.alone[0])
         self.check()
-        model.register_forward_pre_hook(self.begin_forward)
-        model.register_forward_hook(self.end_forward)
+        model.register_forward_pre_hook(eager_only(self.begin_forward))
+        model.register_forward_hook(eager_only(self.end_forward))
 
     def setup(self, device: torch.device) -> None:
         layers = self.layers
@@ -243,6 +244,10 @@ class CudaStream:
     (built with the stand-in) are resident."""
 
     fusable = False
+
+    @eager_only
+    def forward(self, *args):
+        return super().forward(*args)
 
     def set_stream(self, table: nvcomp.ChunkTable, part, schedule: StreamSchedule) -> None:
         self.table = table

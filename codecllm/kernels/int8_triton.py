@@ -35,6 +35,10 @@ def _configs() -> list[triton.Config]:
         for split in (1, 2, 4, 8):
             cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split},
                                       num_warps=w, num_stages=s))
+    # medium M (batches): few output tiles at N = 1024-4096, so K may be split there too
+    for bm, bn, bk, w, s in ((32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4)):
+        for split in (2, 4):
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": split}, num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                              (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
@@ -42,15 +46,25 @@ def _configs() -> list[triton.Config]:
     return cfgs
 
 
+def _split_fits(c: triton.Config, m_bucket: int, n: int, k: int) -> bool:
+    """Whether a K-split configuration may run: a wide enough K, and partials that fit the scratch
+    (``MAX_SPLIT_K * SMALL_M`` float32 rows per output column, ``SPLIT_MAX_N`` columns)."""
+    kw = c.kwargs
+    if kw["SPLIT_K"] == 1:
+        return True
+    rows = triton.cdiv(m_bucket, kw["BLOCK_M"]) * kw["BLOCK_M"]
+    return n <= SPLIT_MAX_N and k >= kw["SPLIT_K"] * kw["BLOCK_K"] and rows * kw["SPLIT_K"] <= MAX_SPLIT_K * SMALL_M
+
+
 def _prune(configs, named_args, **kwargs):
-    m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    m, n, k, bucket = named_args["M"], named_args["N"], named_args["K"], named_args["M_BUCKET"]
     if m <= SMALL_M:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] == SMALL_M
-                and (c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]))]
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == SMALL_M]
     elif m <= 64:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
+    keep = [c for c in keep if _split_fits(c, bucket, n, k)]
     return keep or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
 
 
@@ -209,12 +223,24 @@ class _Scratch:
 
 
 _scratch: dict[tuple, _Scratch] = {}
+_spare: dict[int | None, list[_Scratch]] = {}  # per device: made ahead, for streams not seen yet
+SPARE_SCRATCH = 3
+
+
+def reserve_scratch(device: torch.device) -> None:
+    """Make scratch ahead for the streams a device's matmuls will meet (the caller's, the one CUDA-graph
+    capture and ``torch.compile``'s CUDA graphs use): made during a capture, or while the compiler's
+    graphs route allocations into their private pool, it would belong to that pool. The loader calls this."""
+    spare = _spare.setdefault(device.index, [])
+    while len(spare) < SPARE_SCRATCH:
+        spare.append(_Scratch(device))
 
 
 def _scratch_at(index: int | None, stream: int, device: torch.device) -> _Scratch:
     s = _scratch.get((index, stream))
     if s is None:
-        s = _scratch[(index, stream)] = _Scratch(device)
+        spare = _spare.get(index)
+        s = _scratch[(index, stream)] = spare.pop() if spare else _Scratch(device)
     return s
 
 
@@ -283,18 +309,78 @@ def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: lis
     return launch
 
 
-class RowMatmul:
-    """``int8_linear`` for one activation row (a decode step) with the weight, scale and bias fixed when
-    it is made, as a layer's are: a call allocates the output and launches one kernel with arguments
-    prepared ahead, which keeps its host time below that of an fp16 ``F.linear``. The weight must be a
-    contiguous ``[N, K]`` int8 tensor; ``x`` any tensor of ``K`` elements whose last dimension is ``K``.
+# Large M (prefill): the Triton GEMM or the weight dequantized, a block of rows at a time, into a workspace
+# that cuBLAS multiplies; whichever is faster for the shape, measured at its first call (``_choose``).
+LARGE_M = 65  # from this M on, both paths are timed
+DEQUANT_BLOCK_BYTES = 128 << 20  # dequantized rows per cuBLAS call (a Llama-3-8B MLP weight is one block)
+_path: dict[tuple, str] = {}  # (M bucket, N, K, dtypes, bias) -> "triton" or "cublas"
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``o[n, k] = q[n, k] * scale[n]`` (float32 product, rounded once to ``o``'s dtype)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    q = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    tl.store(o_ptr + rn[:, None] * K + rk[None, :], (q.to(tl.float32) * s[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_into(qweight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = qweight * scale[:, None]`` for a contiguous ``[N, K]`` int8 ``qweight``."""
+    n, k = qweight.shape
+    _dequant_kernel[(triton.cdiv(n, 8), triton.cdiv(k, 1024))](qweight, scale, out, n, k, BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    return out
+
+
+def _cublas_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   y: torch.Tensor) -> None:
+    """``y = x2 @ (qweight * scale).T + bias`` through cuBLAS on blocks of dequantized rows."""
+    n, k = qweight.shape
+    rows = max(16, min(n, DEQUANT_BLOCK_BYTES // (k * x2.element_size())) // 16 * 16)
+    w = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wb = dequantize_into(qweight[n0:n1], scale[n0:n1], w[:n1 - n0])
+        out = y if n1 - n0 == n else y[:, n0:n1]
+        if bias is None:
+            torch.mm(x2, wb.t(), out=out)
+        else:
+            torch.addmm(bias[n0:n1], x2, wb.t(), out=out)
+
+
+def _choose(key: tuple, triton_call, cublas_call, reps: int = 5) -> str:
+    """Time both large-M paths on the call's own arguments (each leaves the same ``y``) and keep the faster."""
+    times = {}
+    for name, fn in (("triton", triton_call), ("cublas", cublas_call)):
+        fn()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        times[name] = sorted(ts)[reps // 2]
+    _path[key] = min(times, key=times.get)
+    return _path[key]
+
+
+class Int8Matmul:
+    """``int8_linear`` with the weight, scale and bias fixed when it is made, as a layer's are. A call
+    allocates the output and launches with arguments prepared ahead: one row (a decode step) through the
+    GEMV kernel, with less host time than an fp16 ``F.linear``; more rows through the GEMM kernel, or for
+    large M through cuBLAS on dequantized blocks where that measured faster. The weight must be a
+    contiguous ``[N, K]`` int8 tensor; ``x`` any tensor whose last dimension is ``K``.
 
     Holds references to its tensors: if a layer's tensors are replaced, make a new one."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         n, k = qweight.shape
         if qweight.stride() != (k, 1) or not scale.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            raise ValueError("RowMatmul needs a contiguous [N, K] weight, scale and bias")
+            raise ValueError("Int8Matmul needs a contiguous [N, K] weight, scale and bias")
         self.qweight, self.scale, self.bias = qweight, scale, bias
         self.n, self.k = n, k
         self.device, self.index = qweight.device, qweight.device.index
@@ -303,12 +389,15 @@ class RowMatmul:
         self.aligned = tuple(p % 16 == 0 for p in self.tail)
         self.has_bias = bias is not None
         self.flags = {"HAS_BIAS": self.has_bias}
-        self.launchers: dict[tuple, _Launcher] = {}  # (x dtype, x stride, x aligned) -> launcher
+        self.launchers: dict[tuple, _Launcher] = {}  # (x dtype, x stride, x aligned) -> GEMV launcher
+        self.mms: dict[tuple, object] = {}  # (M bucket, x dtype, x strides, x aligned) -> GEMM launcher or "cublas"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if shape[-1] != self.k or x.numel() != self.k:
-            raise ValueError(f"RowMatmul takes one row of {self.k} elements, got shape {tuple(shape)}")
+        if shape[-1] != self.k:
+            raise ValueError(f"input has {shape[-1]} features, the weight {self.k}")
+        if x.numel() != self.k:
+            return self._rows(x)
         y = torch.empty((*shape[:-1], self.n), dtype=x.dtype, device=self.device)
         xp, sx = x.data_ptr(), x.stride(-1)
         if _INTERPRET:
@@ -322,6 +411,39 @@ class RowMatmul:
         scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
         launch((launch.row_grid, launch.split, 1), stream, (xp, *self.tail, y.data_ptr(), *scratch.ptrs, self.n, self.k, sx, self.has_bias),
                lambda: (*self._tensors(x, y, scratch), sx, self.has_bias))
+        return y
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.n, self.k
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if _INTERPRET or m == 0:
+            return int8_linear(x, self.qweight, self.scale, self.bias)
+        xs, bucket = x2.stride(), _bucket(m)
+        path = self.mms.get((bucket, x.dtype, xs, x2.data_ptr() % 16 == 0))
+        if path is None:
+            return self._first_rows(x, x2, m)
+        y = torch.empty((m, n), dtype=x.dtype, device=self.device)
+        if path == "cublas":
+            _cublas_linear(x2, self.qweight, self.scale, self.bias, y)
+            return y.reshape(*x.shape[:-1], n)
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        ints = (m, n, k, bucket, xs[0], xs[1], k, 1, n, 1, self.has_bias, x.dtype == torch.float32)
+        path(path.grid(m, n), stream, (x2.data_ptr(), *self.tail, y.data_ptr(), *scratch.ptrs, *ints),
+             lambda: (x2, self.qweight, self.scale, self.bias if self.has_bias else self.scale, y, scratch.parts, scratch.counts, *ints))
+        return y.reshape(*x.shape[:-1], n)
+
+    def _first_rows(self, x: torch.Tensor, x2: torch.Tensor, m: int) -> torch.Tensor:
+        """Tune (or find) this layout's kernel, and for large M choose between it and cuBLAS: computes
+        the output on the way."""
+        y = int8_linear(x, self.qweight, self.scale, self.bias)
+        pkey = _path_key(x2, self.qweight, self.scale, self.bias)
+        if m >= LARGE_M and pkey not in _path:  # the first call only tuned the kernel: the second chooses
+            y = int8_linear(x, self.qweight, self.scale, self.bias)
+        key = _mm_key(x2, self.qweight, self.scale, self.bias, y.reshape(m, self.n))
+        path = "cublas" if m >= LARGE_M and _path[pkey] == "cublas" else _compiled[key]
+        self.mms[(_bucket(m), x.dtype, x2.stride(), x2.data_ptr() % 16 == 0)] = path
         return y
 
     def _tensors(self, x, y, scratch) -> tuple:
@@ -340,6 +462,16 @@ class RowMatmul:
         return self(x) if done else y
 
 
+def _mm_key(x2, qweight, scale, bias, y) -> tuple:
+    tensors = (x2, qweight, scale, bias if bias is not None else scale)
+    return (x2.dtype, scale.dtype, None if bias is None else bias.dtype, _bucket(x2.shape[0]), tuple(qweight.shape), x2.stride(),
+            qweight.stride(), y.stride(), tuple(t.data_ptr() % 16 == 0 for t in tensors), x2.device.index)
+
+
+def _path_key(x2, qweight, scale, bias) -> tuple:
+    return (_bucket(x2.shape[0]), tuple(qweight.shape), x2.dtype, scale.dtype, None if bias is None else bias.dtype, x2.device.index)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., K] @ (qweight[N, K] * scale[N, None]).T + bias[N]`` in ``x``'s dtype."""
     n, k = qweight.shape
@@ -348,7 +480,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m == 1 and qweight.stride() == (k, 1) and scale.is_contiguous() and (bias is None or bias.is_contiguous()):
-        return RowMatmul(qweight, scale, bias)(x)
+        return Int8Matmul(qweight, scale, bias)(x)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -361,12 +493,36 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if _INTERPRET:
         _int8_mm_kernel[_grid(_INTERPRET_CONFIG)(m, n)](*tensors, *ints, **flags, **_INTERPRET_CONFIG)
         return y.reshape(*x.shape[:-1], n)
-    key = (x2.dtype, scale.dtype, None if bias is None else bias.dtype, bucket, (n, k), x2.stride(), qweight.stride(), y.stride(),
-           tuple(t.data_ptr() % 16 == 0 for t in tensors[:4]), x2.device.index)
+    key = _mm_key(x2, qweight, scale, bias, y)
     launch = _compiled.get(key)
+    stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
+    run = lambda: launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()),  # noqa: E731
+                         lambda: (*tensors, *ints, *flags.values()))
     if launch is None:  # tunes, and computes y on the way
-        _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
+        launch = _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
+    elif m < LARGE_M or qweight.stride() != (k, 1):
+        run()
     else:
-        stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
-        launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()), lambda: (*tensors, *ints, *flags.values()))
+        pkey = _path_key(x2, qweight, scale, bias)
+        path = _path.get(pkey) or _choose(pkey, run, lambda: _cublas_linear(x2, qweight, scale, bias, y))
+        if path == "cublas":
+            _cublas_linear(x2, qweight, scale, bias, y)
+        else:
+            run()
     return y.reshape(*x.shape[:-1], n)
+
+
+# -- the op that compiled graphs see ------------------------------------------------------------------
+
+
+@torch.library.custom_op("codecllm::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``int8_linear`` as a torch operator: ``torch.compile`` traces it as one node (its fake below gives
+    the output's shape), Inductor fuses the work around it, and CUDA graphs capture its launch. Eager
+    layers call their prepared ``Int8Matmul`` instead, which costs less host time than the dispatcher."""
+    return int8_linear(x, qweight, scale, bias)
+
+
+@int8_linear_op.register_fake
+def _(x, qweight, scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

@@ -1,8 +1,9 @@
 """The int8 scheme's stand-ins on CUDA: the fused Triton int8 weight-only matmul
 (``codecllm.kernels.int8_triton``) on codes resident in GPU memory or decoded into the stream workspace.
 
-A one-row input (a decode step) goes through a ``RowMatmul`` prepared once per weight tensor, whose
-launch costs less host time than an fp16 ``nn.Linear``. Resident layers that read the same input (q/k/v,
+Eager calls go through an ``Int8Matmul`` prepared once per weight tensor, whose launch costs less host
+time than an fp16 ``nn.Linear``; under ``torch.compile`` the layer calls the ``codecllm::int8_linear``
+operator instead, which the compiler sees as one node. Resident layers that read the same input (q/k/v,
 gate/up) may run as one launch (``codecllm.gpu.fusion`` asks ``can_fuse`` and ``join``).
 """
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ...gpu.stream import CudaStream
-from ...kernels.int8_triton import RowMatmul, int8_linear
+from ...kernels.int8_triton import Int8Matmul
 from ...qmodules import QuantizedWeight
 from . import Int8Linear
 
@@ -20,37 +21,40 @@ from . import Int8Linear
 class Int8CudaLinear(Int8Linear):
     fusable = True
     runner = None  # set by ``codecllm.gpu.fusion`` to run this layer together with its siblings
+    group = None  # the sibling group it joined (``codecllm.gpu.fusion``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the graph sees the operator; Inductor fuses around it
+            if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
+                return super().forward(x)
+            op = torch.ops.codecllm.int8_linear
+            if self.group is not None and x.numel() == self.in_features:  # one token: the group as one operator call
+                return self.group.traced(self, x, op)
+            return op(x, self._buffers["qweight"], self._buffers["scale"], self._parameters.get("bias"))
         if self.runner is not None:
             return self.runner(self, x)
         return self.plain(x)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and type(self._parameters["weight"]) is QuantizedWeight:  # the decode step
-            row = self._row(self._buffers["qweight"], self._buffers["scale"])
-            if row is not None:
-                return row(x)
-        return super().forward(x)
+        """This layer alone, through the matmul prepared for its tensors."""
+        mm = self.__dict__.get("_mm")
+        if mm is None or mm.qweight is not self._buffers["qweight"] or mm.bias is not self._parameters.get("bias"):
+            if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
+                return super().forward(x)
+            mm = self.__dict__["_mm"] = self._matmul(self._buffers["qweight"], self._buffers["scale"])
+        return mm(x)
 
     def linear(self, x, parts):
-        q, s = parts["qweight"], parts["scale"]
-        if x.numel() == self.in_features:  # one token: the decode step's hot path
-            row = self._row(q, s)
-            if row is not None:
-                return row(x)
-        return int8_linear(x, q, s, self.bias)
+        return self._matmul(parts["qweight"], parts["scale"])(x)
 
-    def _row(self, q: torch.Tensor, s: torch.Tensor) -> RowMatmul | None:
-        """The one-row matmul prepared for these tensors (None where their layout has none)."""
-        rows = self.__dict__.setdefault("_rows", {})
-        row = rows.get(id(q))
-        if row is None or row.qweight is not q or row.scale is not s or row.bias is not self.bias:
-            try:
-                row = rows[id(q)] = RowMatmul(q, s, self.bias)
-            except ValueError:
-                return None
-        return row
+    def _matmul(self, q: torch.Tensor, s: torch.Tensor) -> Int8Matmul:
+        """The matmul prepared for these tensors (kept per tensor: a stream layer's codes are in one of
+        two workspaces)."""
+        mms = self.__dict__.setdefault("_mms", {})
+        mm = mms.get(id(q))
+        if mm is None or mm.qweight is not q or mm.scale is not s or mm.bias is not self.bias:
+            mm = mms[id(q)] = Int8Matmul(q, s, self.bias)
+        return mm
 
     # -- sibling fusion --
 
@@ -60,7 +64,7 @@ class Int8CudaLinear(Int8Linear):
                 and (self.bias is None or self.bias.dtype == other.bias.dtype))
 
     @staticmethod
-    def join(run: list["Int8CudaLinear"]) -> RowMatmul | None:
+    def join(run: list["Int8CudaLinear"]) -> Int8Matmul | None:
         """Give the layers of ``run`` one weight, scale and bias tensor each (theirs become views) and
         return the group's one-row matmul, or None where their weights cannot form one matrix."""
         ws = [m.qweight for m in run]
@@ -76,13 +80,14 @@ class Int8CudaLinear(Int8Linear):
         bias = torch.cat([m.bias.detach() for m in run]) if run[0].bias is not None else None
         start = 0
         for m in run:
-            m.__dict__.pop("_rows", None)  # prepared for the tensors being replaced
+            m.__dict__.pop("_mm", None)  # prepared for the tensors being replaced
+            m.__dict__.pop("_mms", None)
             end = start + m.out_features
             m.qweight, m.scale = weight[start:end], scale[start:end]
             if bias is not None:
                 m.bias = nn.Parameter(bias[start:end], requires_grad=False)
             start = end
-        return RowMatmul(weight, scale, bias)
+        return Int8Matmul(weight, scale, bias)
 
 
 class Int8CudaStreamLinear(CudaStream, Int8CudaLinear):
