@@ -119,8 +119,8 @@ def _define():
         @property
         def is_compileable(self):
             # generate() with a static cache compiles the forward: resident layers are operators in the
-            # graph, stream layers run between graphs (codecllm.qmodules.eager_only)
-            return True
+            # graph; stream layers would run between graphs (codecllm.qmodules.eager_only), slower than eager
+            return self.quantization_config.mode != "stream"
 
     return CodecLLMConfig, CodecLLMQuantizer
 

@@ -192,8 +192,10 @@ STREAM_EAGER = ("codecllm stream mode decodes each weight as the model reaches i
 def eager_only(fn):
     """``fn`` runs as it is under ``torch.compile`` (a graph break around it, never traced): stream layers
     decode through ctypes and numpy, and order work between streams with events."""
-    return torch.compiler.disable(fn, reason=STREAM_EAGER)
-
+    try:
+        return torch.compiler.disable(fn, reason=STREAM_EAGER)
+    except TypeError:  # torch before 2.8 takes no reason
+        return torch.compiler.disable(fn)
 
 
 

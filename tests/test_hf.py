@@ -69,6 +69,8 @@ def test_from_pretrained_equals_load(cllm, tmp_path, caplog, mode):
         assert word not in log
     assert not any(p.device.type == "meta" for p in [*model.parameters(), *model.buffers()])
     assert model.config.quantization_config.mode == mode
+    # generate() with a static cache compiles resident models (one graph), not stream ones (slower compiled)
+    assert model.hf_quantizer.is_compileable == (mode == "resident")
 
 
 def test_default_dtype_is_the_config_dtype(hf_dir, cllm):

@@ -224,3 +224,22 @@ def test_compiled_cuda_stand_ins_trace_without_graph_breaks(tiny_llama, tmp_path
             assert installed.learning  # a compiled forward learns nothing: eager calls still can
             eager = model(ids).logits
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+
+
+@interpreted
+def test_float_weight_assigned_after_load_is_used():
+    """A float weight assigned to a loaded layer replaces its int8 one, also after the layer prepared its
+    matmul (eager) and in a compiled forward."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 32)
+    layer = Int8CudaLinear(get_scheme("int8"), get_scheme("int8").quantize(w), (12, 32), torch.float32, CPU, 12, 32,
+                           torch.nn.Parameter(torch.randn(12)))
+    x = torch.randn(3, 32)
+    for rows in (x[:1], x):
+        layer(rows)  # prepares the matmul
+    w2 = torch.randn(12, 32)
+    layer.weight = torch.nn.Parameter(w2, requires_grad=False)
+    for rows in (x[:1], x):
+        torch.testing.assert_close(layer(rows), torch.nn.functional.linear(rows, w2, layer.bias))
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(rows),
+                                   torch.nn.functional.linear(rows, w2, layer.bias))

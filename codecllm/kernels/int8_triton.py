@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import DeviceError
+
 MAX_SPLIT_K = 8
 SPLIT_MAX_N = 8192  # wider outputs have tiles enough: K is not split for them
 SMALL_M = 16
@@ -35,9 +37,10 @@ def _configs() -> list[triton.Config]:
         for split in (1, 2, 4, 8):
             cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split},
                                       num_warps=w, num_stages=s))
-    # medium M (batches): few output tiles at N = 1024-4096, so K may be split there too
+    # medium M (batches): few output tiles at N = 1024-4096, so K may be split in two there (what the
+    # scratch holds at 64 rows: ``_split_fits``)
     for bm, bn, bk, w, s in ((32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4)):
-        for split in (2, 4):
+        for split in (2,):
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": split}, num_warps=w, num_stages=s))
     # medium and large M (prefill, batches): GEMM tiles
     for bm, bn, bk, w, s in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -224,7 +227,7 @@ class _Scratch:
 
 _scratch: dict[tuple, _Scratch] = {}
 _spare: dict[int | None, list[_Scratch]] = {}  # per device: made ahead, for streams not seen yet
-SPARE_SCRATCH = 3
+SPARE_SCRATCH = 4
 
 
 def reserve_scratch(device: torch.device) -> None:
@@ -232,7 +235,7 @@ def reserve_scratch(device: torch.device) -> None:
     capture and ``torch.compile``'s CUDA graphs use): made during a capture, or while the compiler's
     graphs route allocations into their private pool, it would belong to that pool. The loader calls this."""
     spare = _spare.setdefault(device.index, [])
-    while len(spare) < SPARE_SCRATCH:
+    while len(spare) < SPARE_SCRATCH and not torch.cuda.is_current_stream_capturing():
         spare.append(_Scratch(device))
 
 
@@ -240,6 +243,10 @@ def _scratch_at(index: int | None, stream: int, device: torch.device) -> _Scratc
     s = _scratch.get((index, stream))
     if s is None:
         spare = _spare.get(index)
+        if not spare and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made here, its zeroed counters would exist only inside the graph
+            raise DeviceError("codecllm: a CUDA graph is being captured on a stream no int8 matmul has run on: run one "
+                              "forward on that stream before capturing, or call codecllm.kernels.int8_triton.reserve_scratch(device)")
         s = _scratch[(index, stream)] = spare.pop() if spare else _Scratch(device)
     return s
 
@@ -310,7 +317,9 @@ def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: lis
 
 
 # Large M (prefill): the Triton GEMM or the weight dequantized, a block of rows at a time, into a workspace
-# that cuBLAS multiplies; whichever is faster for the shape, measured at its first call (``_choose``).
+# that cuBLAS multiplies; whichever is faster for the shape, measured at its first call outside a CUDA-graph
+# capture (``_choose``), is kept for the process. The two round differently (cuBLAS multiplies a weight
+# rounded to the activation dtype), so large-M outputs are reproducible within a process, not across.
 LARGE_M = 65  # from this M on, both paths are timed
 DEQUANT_BLOCK_BYTES = 128 << 20  # dequantized rows per cuBLAS call (a Llama-3-8B MLP weight is one block)
 _path: dict[tuple, str] = {}  # (M bucket, N, K, dtypes, bias) -> "triton" or "cublas"
@@ -347,23 +356,25 @@ def _cublas_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         if bias is None:
             torch.mm(x2, wb.t(), out=out)
         else:
-            torch.addmm(bias[n0:n1], x2, wb.t(), out=out)
+            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wb.t(), out=out)
 
 
-def _choose(key: tuple, triton_call, cublas_call, reps: int = 5) -> str:
-    """Time both large-M paths on the call's own arguments (each leaves the same ``y``) and keep the faster."""
+def _choose(key: tuple, triton_call, cublas_call, device: torch.device, reps: int = 5) -> str:
+    """Time both large-M paths on the call's own arguments (each overwrites the call's output) and keep
+    the faster for ``key`` from now on in this process."""
     times = {}
-    for name, fn in (("triton", triton_call), ("cublas", cublas_call)):
-        fn()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+    with torch.cuda.device(device):
+        for name, fn in (("triton", triton_call), ("cublas", cublas_call)):
             fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        times[name] = sorted(ts)[reps // 2]
+            ts = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            times[name] = sorted(ts)[reps // 2]
     _path[key] = min(times, key=times.get)
     return _path[key]
 
@@ -439,8 +450,8 @@ class Int8Matmul:
         the output on the way."""
         y = int8_linear(x, self.qweight, self.scale, self.bias)
         pkey = _path_key(x2, self.qweight, self.scale, self.bias)
-        if m >= LARGE_M and pkey not in _path:  # the first call only tuned the kernel: the second chooses
-            y = int8_linear(x, self.qweight, self.scale, self.bias)
+        if m >= LARGE_M and pkey not in _path:  # called during a CUDA-graph capture: chosen later
+            return y
         key = _mm_key(x2, self.qweight, self.scale, self.bias, y.reshape(m, self.n))
         path = "cublas" if m >= LARGE_M and _path[pkey] == "cublas" else _compiled[key]
         self.mms[(_bucket(m), x.dtype, x2.stride(), x2.data_ptr() % 16 == 0)] = path
@@ -498,17 +509,22 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
     run = lambda: launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()),  # noqa: E731
                          lambda: (*tensors, *ints, *flags.values()))
-    if launch is None:  # tunes, and computes y on the way
+    done = launch is not None  # else the tuning computes y on the way
+    if not done:
         launch = _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
-    elif m < LARGE_M or qweight.stride() != (k, 1):
-        run()
-    else:
+    path = "triton"
+    if m >= LARGE_M and qweight.stride() == (k, 1):
         pkey = _path_key(x2, qweight, scale, bias)
-        path = _path.get(pkey) or _choose(pkey, run, lambda: _cublas_linear(x2, qweight, scale, bias, y))
-        if path == "cublas":
-            _cublas_linear(x2, qweight, scale, bias, y)
-        else:
-            run()
+        path = _path.get(pkey)
+        if path is None:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: chosen at a later call
+                path = "triton"
+            else:
+                path, done = _choose(pkey, run, lambda: _cublas_linear(x2, qweight, scale, bias, y), x2.device), False
+    if path == "cublas":
+        _cublas_linear(x2, qweight, scale, bias, y)
+    elif not done:
+        run()
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -525,4 +541,6 @@ def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
 
 @int8_linear_op.register_fake
 def _(x, qweight, scale, bias):
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {qweight.shape[1]}")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))

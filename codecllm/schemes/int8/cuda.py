@@ -37,11 +37,12 @@ class Int8CudaLinear(Int8Linear):
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """This layer alone, through the matmul prepared for its tensors."""
+        if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
+            return super().forward(x)
         mm = self.__dict__.get("_mm")
-        if mm is None or mm.qweight is not self._buffers["qweight"] or mm.bias is not self._parameters.get("bias"):
-            if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
-                return super().forward(x)
-            mm = self.__dict__["_mm"] = self._matmul(self._buffers["qweight"], self._buffers["scale"])
+        buffers = self._buffers
+        if mm is None or mm.qweight is not buffers["qweight"] or mm.scale is not buffers["scale"] or mm.bias is not self._parameters.get("bias"):
+            mm = self.__dict__["_mm"] = self._matmul(buffers["qweight"], buffers["scale"])
         return mm(x)
 
     def linear(self, x, parts):
