@@ -66,6 +66,7 @@ class _SizeType(click.ParamType):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .cllm file to write.")
 @click.option("--quant", type=click.Choice(scheme_ids()), default=default_scheme_id(), show_default=True,
               help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
+@click.option("--group-size", type=int, default=None, help="Weights per scale of a grouped scheme (int4: 32, 64 or 128; default 64).")
 @click.option("--codec", type=click.Choice(codec_ids()), default=default_codec_id(), show_default=True,
               help="Entropy codec of the stored parts (raw: uncompressed).")
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")
@@ -77,7 +78,7 @@ class _SizeType(click.ParamType):
 @click.option("--hf-dir", type=click.Path(file_okay=False), default=None,
               help="Also write a directory that transformers' from_pretrained loads (after `import codecllm`).")
 @click.version_option(__version__, "--version", prog_name="codecllm-convert", message="%(prog)s %(version)s")
-def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
+def convert_cmd(source, output, quant, group_size, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
 
@@ -91,7 +92,7 @@ def convert_cmd(source, output, quant, codec, chunk_size, level, skip, quantize_
             bar = click.progressbar(length=total, label="converting", file=sys.stderr)
             bar.__enter__()
             progress = lambda name, n: bar.update(n)  # noqa: E731
-        summary = convert(source, output, quant=quant, codec=codec, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all,
+        summary = convert(source, output, quant=quant, group_size=group_size, codec=codec, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all,
                           force=force, progress=progress)
         if hf_dir is not None:
             from .hf import write_hf_dir
@@ -161,11 +162,12 @@ def dump_cmd(file, as_json, verify, no_tensors):
         click.echo(f"alias: {_escape(alias)} -> {_escape(target)}")
     if "tensors" in info:
         width = max([len(_escape(r["name"])) for r in info["tensors"]] + [4])
-        click.echo(f"{'name':<{width}}  {'shape':<14}{'scheme':<18}{'codec':<6}{'chunks':>7}{'bytes':>12}{'stored':>12}{'ratio':>8}{'bits/w':>8}")
+        sw = max([len(_escape(r["scheme"])) + 2 for r in info["tensors"]] + [18])
+        click.echo(f"{'name':<{width}}  {'shape':<14}{'scheme':<{sw}}{'codec':<6}{'chunks':>7}{'bytes':>12}{'stored':>12}{'ratio':>8}{'bits/w':>8}")
         for r in info["tensors"]:
             shape = "x".join(map(str, r["shape"]))
             click.echo(
-                f"{_escape(r['name']):<{width}}  {shape:<14}{_escape(r['scheme']):<18}{r['codec']:<6}{r['chunks']:>7}"
+                f"{_escape(r['name']):<{width}}  {shape:<14}{_escape(r['scheme']):<{sw}}{r['codec']:<6}{r['chunks']:>7}"
                 f"{r['bytes_original']:>12}{r['bytes_stored']:>12}{r['ratio']:>7.2f}x{r['bits_per_weight']:>8.2f}"
             )
     t = info["totals"]

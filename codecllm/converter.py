@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
 from .output import AtomicOutput
-from .schemes import Scheme, default_scheme_id, get_scheme
+from .schemes import Scheme, default_scheme_id, get_scheme, scheme_class
 from .source import Checkpoint
 
 
@@ -177,9 +178,11 @@ def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme,
     return rec, summary
 
 
-def check_options(quant: str, codec: str, chunk_size: int, level: int | None) -> tuple[Scheme, _Coding]:
+def check_options(quant: str, codec: str, chunk_size: int, level: int | None, group_size: int | None = None) -> tuple[Scheme, _Coding]:
     """The scheme and the coding asked for; each validates its own parameters."""
-    scheme = get_scheme(quant)
+    if group_size is not None and "group_size" not in inspect.signature(scheme_class(quant)).parameters:
+        raise CodecLLMError(f"scheme {quant!r} takes no group size")
+    scheme = get_scheme(quant, None if group_size is None else {"group_size": group_size})
     c = get_codec(codec or default_codec_id())
     options = c.check_options(**({} if level is None else {"level": level}))
     if c.chunked:
@@ -199,6 +202,7 @@ def convert(
     quantize_all: bool = False,
     force: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    group_size: int | None = None,
 ) -> Summary:
     """Convert the Hugging Face model directory ``source`` into the ``.cllm`` file ``output``.
 
@@ -209,7 +213,8 @@ def convert(
     Embedding); every other tensor is stored bit-exact. By default the MLP output projections of the
     first and last blocks stay unquantized (see ``architecture._edge_outputs``); ``quantize_all=True``
     quantizes them too. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
-    matches nothing is reported in ``Summary.warnings``). ``codec`` entropy-codes every part that it
+    matches nothing is reported in ``Summary.warnings``). ``group_size`` is the group size of a scheme
+    that takes one (``int4``: 32, 64 or 128; 64 if None). ``codec`` entropy-codes every part that it
     shrinks, in chunks of ``chunk_size`` bytes; ``level`` is its level (the codec's default if None).
     Checkpoint tensors the model does not have (old ``rotary_emb.inv_freq`` buffers) are left out and
     listed in ``Summary.ignored``; a tensor whose shape disagrees with the config is an error.
@@ -219,7 +224,7 @@ def convert(
     start = time.perf_counter()
     skip = tuple(skip)
     quant = quant or default_scheme_id()
-    scheme, coding = check_options(quant, codec, chunk_size, level)
+    scheme, coding = check_options(quant, codec, chunk_size, level, group_size)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
@@ -229,7 +234,7 @@ def convert(
         raise CodecLLMError(f"{out.parent}: output directory does not exist")
     ckpt = Checkpoint(source)
     model_plan = plan(empty_model(ckpt.config))
-    summary = Summary(str(source), str(out), quant, coding.codec, chunk_size, coding.options)
+    summary = Summary(str(source), str(out), repr(scheme), coding.codec, chunk_size, coding.options)
     tensors: dict[str, Record] = {}
     files: dict[str, Record] = {}
     aliases: dict[str, str] = {}

@@ -157,4 +157,4 @@ def float_modules() -> tuple[type, ...]:
 
 
 # the schemes this package ships
-from . import int8, none  # noqa: E402,F401
+from . import int4, int8, none  # noqa: E402,F401

@@ -1,0 +1,192 @@
+"""``int4``: 4-bit codes in groups of ``group_size`` weights along K, each group with an fp16 scale and
+an fp16 zero point: ``w ~ (q - zero) * scale``, ``q`` in [0, 15].
+
+Parts: ``qweight`` (U8, ``[out, in / 2]``: two codes per byte, the even column in the low nibble),
+``scale`` and ``zero`` (F16, ``[out, ceil(in / group_size)]``). ``in`` must be even (an odd one is left to
+another scheme: ``applies_to``); one that is not a multiple of the group size ends in a shorter group,
+quantized over its own weights only.
+
+Quantization needs no data: per group, the min/max range is shrunk over a grid of clipping factors and
+the one with the least squared error kept, then scale and zero are refitted by least squares to the codes
+they give (twice, each kept only where it lowers the error). Deterministic. Stand-ins: Linear, Conv1D and
+Embedding on the CPU (dequantized per call, one layer at a time); on CUDA none yet, so the loader keeps
+such weights dequantized (dense).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...dtypes import FLOAT_DTYPES
+from ...errors import CodecLLMError, FormatError
+from ...qmodules import CpuStream, QEmbedding, QLinear
+from .. import PartSpec, Scheme, register, register_module
+
+GROUP_SIZES = (32, 64, 128)
+QMAX = 15
+CLIP_GRID = 12  # clipping factors tried per group, from 1.0 down to CLIP_MIN
+CLIP_MIN = 0.7
+REFITS = 2
+_BLOCK_ELEMENTS = 1 << 21  # weights quantized at a time (float32 work buffers of a few times this)
+
+
+@register
+class Int4(Scheme):
+    id = "int4"
+    lossless = False
+    main_part = "qweight"
+
+    def __init__(self, group_size: int = 64, transpose: bool = False):
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            raise CodecLLMError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+        if not isinstance(transpose, bool):
+            raise CodecLLMError(f"int4 parameter transpose must be true or false, got {transpose!r}")
+        self.group_size, self.transpose = group_size, transpose
+
+    @property
+    def params(self):
+        return {"group_size": self.group_size, **({"transpose": True} if self.transpose else {})}
+
+    def applies_to(self, module, param, tensor_shape, float_tensor):
+        if not (param == "weight" and float_tensor and len(tensor_shape) == 2 and isinstance(module, tuple(self.modules))):
+            return False
+        return (tensor_shape[0] if isinstance(module, Conv1D) else tensor_shape[1]) % 2 == 0
+
+    def for_module(self, module):
+        return Int4(self.group_size, transpose=True) if isinstance(module, Conv1D) else self
+
+    def layout(self, dtype, shape):
+        if len(shape) != 2 or dtype not in FLOAT_DTYPES:
+            raise FormatError(f"int4 stores 2-D floating-point tensors, not {dtype} {list(shape)}")
+        out_f, in_f = (shape[1], shape[0]) if self.transpose else shape
+        if in_f % 2:
+            raise FormatError(f"int4 stores weights with an even number of input features, not {in_f}")
+        groups = -(-in_f // self.group_size)
+        return {"qweight": PartSpec("U8", (out_f, in_f // 2)), "scale": PartSpec("F16", (out_f, groups)),
+                "zero": PartSpec("F16", (out_f, groups))}
+
+    # -- the math --
+
+    def quantize(self, w):
+        if w.dim() != 2:
+            raise ValueError(f"int4 quantizes 2-D weights, got shape {tuple(w.shape)}")
+        if self.transpose:
+            w = w.t()
+        rows, cols = w.shape
+        if cols % 2:
+            raise ValueError(f"int4 quantizes weights with an even number of input features, got {cols}")
+        gs = self.group_size
+        groups = -(-cols // gs)
+        codes = torch.empty((rows, groups * gs), dtype=torch.uint8)
+        scale = torch.empty((rows, groups), dtype=torch.float16)
+        zero = torch.empty((rows, groups), dtype=torch.float16)
+        step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        for r in range(0, rows, step):
+            q, s, z = _quantize_groups(w[r:r + step].to(torch.float32), gs)
+            codes[r:r + step], scale[r:r + step], zero[r:r + step] = q, s, z
+        codes = codes[:, :cols]
+        return {"qweight": codes[:, 0::2] | (codes[:, 1::2] << 4), "scale": scale, "zero": zero}
+
+    def dequantize(self, parts, dtype):
+        w = _dequantize_rows(parts["qweight"], parts["scale"], parts["zero"], self.group_size, self._cols(parts))
+        w = w.to(dtype)
+        return w.t().contiguous() if self.transpose else w
+
+    def embedding(self, parts, ids, dtype):
+        if self.transpose:
+            return super().embedding(parts, ids, dtype)
+        flat = ids.reshape(-1)
+        rows = _dequantize_rows(parts["qweight"][flat], parts["scale"][flat], parts["zero"][flat], self.group_size, self._cols(parts))
+        return rows.to(dtype).reshape(*ids.shape, -1)
+
+    def _cols(self, parts) -> int:
+        """K: the packed codes hold K / 2 bytes per row."""
+        k, groups = 2 * parts["qweight"].shape[1], parts["scale"].shape[1]
+        if -(-k // self.group_size) != groups:
+            raise FormatError(f"int4 parts disagree: {k} codes per row, {groups} groups of {self.group_size}")
+        return k
+
+
+def _quantize_groups(w: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``[rows, groups * gs]`` (uint8), scales and zeros ``[rows, groups]`` (fp16) of float32 ``w``."""
+    rows, cols = w.shape
+    groups = -(-cols // gs)
+    pad = groups * gs - cols
+    valid = torch.ones((1, groups * gs))
+    if pad:  # the last group is shorter: padded with its own last weight (min/max unchanged), weighted 0
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+        valid[:, cols:] = 0
+    g = w.reshape(rows, groups, gs)
+    om = valid.reshape(1, groups, gs)
+    lo0, hi0 = g.amin(-1), g.amax(-1)
+
+    def fit(lo, hi):
+        s = ((hi - lo) / QMAX).clamp_min(1e-8)
+        z = -lo / s
+        return s, z
+
+    def assign(s, z):
+        s, z = s.half().float(), z.half().float()  # what the file stores
+        q = torch.clamp(torch.round(g / s[..., None] + z[..., None]), 0, QMAX)
+        err = (om * (g - (q - z[..., None]) * s[..., None]) ** 2).sum(-1)
+        return q, s, z, err
+
+    best = None
+    for a in torch.linspace(1.0, CLIP_MIN, CLIP_GRID).tolist():
+        cand = assign(*fit(lo0 * a, hi0 * a))
+        best = cand if best is None else _keep_better(best, cand)
+    n = om.sum(-1, keepdim=True)
+    for _ in range(REFITS):  # least squares of w ~ s * q + c over each group, given its codes
+        q = best[0]
+        qm, wm = (om * q).sum(-1, keepdim=True) / n, (om * g).sum(-1, keepdim=True) / n
+        var = (om * (q - qm) ** 2).sum(-1)
+        s = torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[1]).clamp_min(1e-8)
+        z = qm[..., 0] - wm[..., 0] / s
+        best = _keep_better(best, assign(s, z))
+    q, s, z, _ = best
+    return q.to(torch.uint8).reshape(rows, groups * gs), s.half(), z.half()
+
+
+def _keep_better(best, cand):
+    m = cand[3] < best[3]
+    return (torch.where(m[..., None], cand[0], best[0]), torch.where(m, cand[1], best[1]), torch.where(m, cand[2], best[2]),
+            torch.where(m, cand[3], best[3]))
+
+
+def _dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int, cols: int) -> torch.Tensor:
+    """float32 ``[rows, cols]`` from packed codes and per-group scale and zero."""
+    rows = packed.shape[0]
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(rows, -1)
+    groups = scale.shape[1]
+    if q.shape[1] < groups * gs:
+        q = F.pad(q, (0, groups * gs - q.shape[1]))
+    q = q[:, :groups * gs].reshape(rows, groups, gs).to(torch.float32)
+    w = (q - zero.to(torch.float32)[..., None]) * scale.to(torch.float32)[..., None]
+    return w.reshape(rows, groups * gs)[:, :cols]
+
+
+class Int4Linear(QLinear):
+    """Linear (or Conv1D) with int4 weights on the CPU: the layer's weight is dequantized for each call
+    (one layer's float copy at a time, never the model's)."""
+
+    def linear(self, x, parts):
+        w = self.scheme.dequantize(parts, x.dtype)
+        return F.linear(x, w.t() if self.transposed else w, self.bias)
+
+
+class Int4StreamLinear(CpuStream, Int4Linear):
+    """The int4 codes stay compressed and are decoded on each call (CPU stream mode)."""
+
+
+class Int4Embedding(QEmbedding):
+    def embedding(self, ids, parts):
+        return self.scheme.embedding(parts, ids, self.compute_dtype)
+
+
+for _float in (nn.Linear, Conv1D):
+    register_module(Int4, _float, "cpu", Int4Linear)
+    register_module(Int4, _float, "cpu-stream", Int4StreamLinear)
+register_module(Int4, nn.Embedding, "cpu", Int4Embedding)

@@ -1,0 +1,98 @@
+"""The ``int4`` scheme on the CPU: its layout, its packing, its quantizer against round-to-nearest, and a
+model through convert, load and dump (the real-model floor: test_smollm2.py)."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import codecllm
+import codecllm.schemes.int4 as int4
+from codecllm.cli import convert_cmd, dump_cmd
+from codecllm.errors import CodecLLMError, FormatError
+from codecllm.quality import sqnr_db
+from codecllm.schemes import get_scheme
+
+
+def rtn(w: torch.Tensor, gs: int) -> torch.Tensor:
+    """Plain asymmetric round-to-nearest over each group's min..max, dequantized (the reference point)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // gs, gs)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = (hi - lo) / 15
+    z = torch.round(-lo / s)
+    return ((torch.clamp(torch.round(g / s) + z, 0, 15) - z) * s).reshape(n, k)
+
+
+@pytest.mark.parametrize("k,gs", [(64, 64), (100, 64), (98, 32), (576, 128)], ids=lambda v: str(v))
+def test_layout_and_packing(k, gs):
+    """Parts have the layout's shapes and dtypes; two codes per byte, the even column low; a last group
+    shorter than the others is quantized on its own weights; rows gather as the table dequantizes."""
+    s = get_scheme("int4", {"group_size": gs})
+    w = torch.randn(37, k, generator=torch.Generator().manual_seed(k)) * 0.02
+    parts = s.quantize(w)
+    layout = s.layout("F16", (37, k))
+    dtypes = {"U8": torch.uint8, "F16": torch.float16}
+    assert {n: (p.dtype, tuple(p.shape)) for n, p in parts.items()} == {n: (dtypes[p.dtype], p.shape) for n, p in layout.items()}
+    q = torch.stack([parts["qweight"] & 15, parts["qweight"] >> 4], -1).reshape(37, k).float()
+    g = torch.arange(k) // gs
+    expect = (q - parts["zero"].float()[:, g]) * parts["scale"].float()[:, g]
+    d = s.dequantize(parts, torch.float32)
+    assert torch.equal(d, expect)
+    assert sqnr_db(w, d) > 17  # 4 bits: about 6 dB per bit, less the range's spread
+    ids = torch.tensor([[3, 5], [0, 36]])
+    assert torch.equal(s.embedding(parts, ids, torch.float32), d[ids])
+
+
+def test_quantizer_beats_round_to_nearest():
+    """Less squared error than plain RTN on every weight mix tried: normal weights, a heavy tail, and
+    outliers; deterministic. Measured: 0.86x, 0.88x and 0.90x of RTN's error."""
+    torch.manual_seed(0)
+    normal = torch.randn(64, 512) * 0.02
+    tail = torch.distributions.StudentT(3.0).sample((64, 512)) * 0.02
+    outliers = normal.clone()
+    outliers[:, ::97] *= 12
+    s = get_scheme("int4", {"group_size": 64})
+    for w in (normal, tail, outliers):
+        ours = ((s.dequantize(s.quantize(w), torch.float32) - w) ** 2).sum()
+        plain = ((rtn(w, 64) - w) ** 2).sum()
+        assert ours < 0.93 * plain, (float(ours), float(plain))
+    assert all(torch.equal(a, b) for a, b in zip(s.quantize(tail).values(), s.quantize(tail).values()))
+
+
+def test_parameters_and_odd_widths():
+    assert get_scheme("int4").params == {"group_size": 64}
+    for bad in (48, 0, True, "64"):
+        with pytest.raises(CodecLLMError, match="group_size must be one of 32, 64, 128"):
+            get_scheme("int4", {"group_size": bad})
+    s = get_scheme("int4")
+    assert not s.applies_to(nn.Linear(7, 4), "weight", (4, 7), True)  # odd K: left to another scheme
+    assert s.applies_to(nn.Linear(8, 4), "weight", (4, 8), True)
+    with pytest.raises(FormatError, match="even number of input features"):
+        s.layout("F16", (4, 7))
+
+
+def test_model_end_to_end(tiny_llama, tmp_path):
+    """CLI convert with --group-size, load in both modes (equal), close to the original; dump verifies and
+    shows the scheme with its group size; int8 takes no group size."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m.cllm"
+    r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(out), "--quant", "int4", "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        resident = codecllm.load(out)(ids).logits
+        stream = codecllm.load(out, mode="stream")(ids).logits
+        assert torch.equal(resident, stream)
+        assert sqnr_db(ref(ids).logits, resident) > 10
+    r = CliRunner().invoke(dump_cmd, [str(out), "--verify"])
+    assert r.exit_code == 0 and "int4(group_size=32)" in r.output, r.output
+    r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "x.cllm"), "--quant", "int8", "--group-size", "32"])
+    assert r.exit_code == 1 and "scheme 'int8' takes no group size" in r.output
+    assert not (tmp_path / "x.cllm").exists()
+
+
+def test_constants_are_what_the_docstring_says():
+    assert (int4.CLIP_GRID, int4.CLIP_MIN, int4.REFITS, int4.GROUP_SIZES) == (12, 0.7, 2, (32, 64, 128))
