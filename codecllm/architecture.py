@@ -96,15 +96,23 @@ class ModelPlan:
         """Whether glob ``pattern`` names any module a scheme could quantize."""
         return any(fnmatch.fnmatchcase(m, pattern) for m, _ in self.modules.values())
 
-    def scheme_for(self, name: str, w: torch.Tensor, scheme: Scheme, skip: tuple[str, ...], quantize_sensitive: bool = False) -> Scheme | None:
-        """The scheme instance for tensor ``name`` (and every parameter tied to it), or None: keep it exact."""
+    def scheme_for(self, name: str, w: torch.Tensor, scheme: Scheme, skip: tuple[str, ...], quantize_sensitive: bool = False,
+                   overrides: tuple[tuple[str, Scheme], ...] = ()) -> Scheme | None:
+        """The scheme instance for tensor ``name`` (and every parameter tied to it), or None: keep it exact.
+        ``overrides`` are (module glob, scheme) pairs: the last one matching any of the tied modules wins,
+        over the edge rule too (a scheme that cannot store the weight keeps it exact)."""
         group = self.tied.get(name, (name,))
-        if not quantize_sensitive and any(n in self.sensitive for n in group):
-            return None
         if not all(n in self.modules for n in group):
             return None
         modules = [self.modules[n] for n in group]
         if any(fnmatch.fnmatchcase(m, pat) for m, _ in modules for pat in skip):
+            return None
+        chosen_override = [s for pat, s in overrides if any(fnmatch.fnmatchcase(m, pat) for m, _ in modules)]
+        if chosen_override:
+            scheme = chosen_override[-1]
+            if scheme.lossless:
+                return None
+        elif not quantize_sensitive and any(n in self.sensitive for n in group):
             return None
         chosen = {scheme.for_module(mod) for _, mod in modules}
         if len(chosen) != 1:

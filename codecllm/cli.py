@@ -67,6 +67,8 @@ class _SizeType(click.ParamType):
 @click.option("--quant", type=click.Choice(scheme_ids()), default=default_scheme_id(), show_default=True,
               help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
 @click.option("--group-size", type=int, default=None, help="Weights per scale of a grouped scheme (int4: 32, 64 or 128; default 64).")
+@click.option("--quant-override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
+              help="Scheme for modules matching PATTERN (repeatable; the last match wins), e.g. 'model.embed_tokens=int8' or '*.down_proj=int4:g32'.")
 @click.option("--codec", type=click.Choice(codec_ids()), default=default_codec_id(), show_default=True,
               help="Entropy codec of the stored parts (raw: uncompressed).")
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")
@@ -78,7 +80,7 @@ class _SizeType(click.ParamType):
 @click.option("--hf-dir", type=click.Path(file_okay=False), default=None,
               help="Also write a directory that transformers' from_pretrained loads (after `import codecllm`).")
 @click.version_option(__version__, "--version", prog_name="codecllm-convert", message="%(prog)s %(version)s")
-def convert_cmd(source, output, quant, group_size, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
+def convert_cmd(source, output, quant, group_size, overrides, codec, chunk_size, level, skip, quantize_all, force, as_json, hf_dir):
     """Convert the Hugging Face model directory SOURCE into a compressed .cllm file."""
     from .converter import convert
 
@@ -92,7 +94,13 @@ def convert_cmd(source, output, quant, group_size, codec, chunk_size, level, ski
             bar = click.progressbar(length=total, label="converting", file=sys.stderr)
             bar.__enter__()
             progress = lambda name, n: bar.update(n)  # noqa: E731
-        summary = convert(source, output, quant=quant, group_size=group_size, codec=codec, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all,
+        pairs = []
+        for item in overrides:
+            pat, eq, spec = item.partition("=")
+            if not eq or not pat or not spec:
+                raise CodecLLMError(f"--quant-override {item!r} is not PATTERN=SCHEME")
+            pairs.append((pat, spec))
+        summary = convert(source, output, quant=quant, group_size=group_size, overrides=pairs, codec=codec, chunk_size=chunk_size, level=level, skip=skip, quantize_all=quantize_all,
                           force=force, progress=progress)
         if hf_dir is not None:
             from .hf import write_hf_dir

@@ -27,7 +27,7 @@ from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
 from .output import AtomicOutput
-from .schemes import Scheme, default_scheme_id, get_scheme, scheme_class
+from .schemes import Scheme, default_scheme_id, get_scheme, parse_scheme, scheme_class
 from .source import Checkpoint
 
 
@@ -203,6 +203,7 @@ def convert(
     force: bool = False,
     progress: Callable[[str, int], None] | None = None,
     group_size: int | None = None,
+    overrides: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
 ) -> Summary:
     """Convert the Hugging Face model directory ``source`` into the ``.cllm`` file ``output``.
 
@@ -214,7 +215,9 @@ def convert(
     first and last blocks stay unquantized (see ``architecture._edge_outputs``); ``quantize_all=True``
     quantizes them too. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
     matches nothing is reported in ``Summary.warnings``). ``group_size`` is the group size of a scheme
-    that takes one (``int4``: 32, 64 or 128; 64 if None). ``codec`` entropy-codes every part that it
+    that takes one (``int4``: 32, 64 or 128; 64 if None). ``overrides`` holds (module glob, scheme spec)
+    pairs, such as ``("model.embed_tokens", "int8")`` or ``("*.down_proj", "int4:g32")``: the last one
+    matching a module picks its scheme, over the default and the edge rule (``none`` keeps it exact). ``codec`` entropy-codes every part that it
     shrinks, in chunks of ``chunk_size`` bytes; ``level`` is its level (the codec's default if None).
     Checkpoint tensors the model does not have (old ``rotary_emb.inv_freq`` buffers) are left out and
     listed in ``Summary.ignored``; a tensor whose shape disagrees with the config is an error.
@@ -225,6 +228,7 @@ def convert(
     skip = tuple(skip)
     quant = quant or default_scheme_id()
     scheme, coding = check_options(quant, codec, chunk_size, level, group_size)
+    override_schemes = tuple((pat, parse_scheme(spec)) for pat, spec in overrides)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
@@ -245,6 +249,7 @@ def convert(
             raise SourceError(f"{name}: the checkpoint holds shape {list(t.entry.shape)}, the config makes {list(want)}")
     summary.ignored = sorted(n for n in ckpt.tensors if n not in model_plan.shapes)
     summary.warnings = [f"--skip {pat!r} matches no module" for pat in skip if not model_plan.matches(pat)]
+    summary.warnings += [f"--quant-override {pat!r} matches no module" for pat, _ in overrides if not model_plan.matches(pat)]
     summary.warnings += [f"ignored checkpoint tensor {n!r}: the model has no such parameter or buffer" for n in summary.ignored]
 
     with AtomicOutput(out, force) as output:
@@ -263,7 +268,7 @@ def convert(
                     aliases[name] = stored_peer
                     continue
                 w = ckpt.read(name)
-                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all) or lossless
+                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all, override_schemes) or lossless
                 rec, ts = _encode_record(w, name, name, chosen, coding, writer)
                 tensors[name] = rec
                 summary.tensors.append(ts)
@@ -290,7 +295,8 @@ def convert(
                 "dtype": _model_dtype(tensors),
             },
             converter={"codecllm": __version__, "quant": quant, "codec": coding.codec, "chunk_size": chunk_size, **coding.options,
-                       "skip": list(skip), "quantize_all": quantize_all},
+                       "skip": list(skip), "quantize_all": quantize_all,
+                       **({"overrides": [f"{pat}={spec}" for pat, spec in overrides]} if overrides else {})},
         )
         header = build_header(writer.entries, doc)
         output.publish(header, data_file)

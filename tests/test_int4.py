@@ -96,3 +96,28 @@ def test_model_end_to_end(tiny_llama, tmp_path):
 
 def test_constants_are_what_the_docstring_says():
     assert (int4.CLIP_GRID, int4.CLIP_MIN, int4.REFITS, int4.GROUP_SIZES) == (12, 0.7, 2, (32, 64, 128))
+
+
+def test_quant_overrides(tiny_llama, tmp_path):
+    """--quant-override PATTERN=SCHEME: the last matching pattern wins, over the default and the edge rule
+    (the first and last blocks' down_proj); ``none`` keeps a module exact; a pattern matching nothing is a
+    warning; a malformed one a one-line error, and no file is written."""
+    from codecllm.format import CllmFile
+
+    out = tmp_path / "m.cllm"
+    summary = codecllm.convert(tiny_llama, out, quant="int4", overrides=[
+        ("model.embed_tokens", "int8"), ("*.down_proj", "int4:g32"), ("*.0.mlp.up_proj", "int8"),
+        ("*.0.mlp.up_proj", "none"), ("nothing.here", "int8")])
+    with CllmFile(out) as f:
+        schemes = {n: repr(r.scheme) for n, r in f.doc.tensors.items()}
+    assert schemes["model.embed_tokens.weight"] == "int8"
+    assert {schemes[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(3)} == {"int4(group_size=32)"}
+    assert schemes["model.layers.0.mlp.up_proj.weight"] == "none"
+    assert schemes["model.layers.1.mlp.up_proj.weight"] == "int4(group_size=64)"
+    assert summary.warnings == ["--quant-override 'nothing.here' matches no module"]
+    codecllm.load(out)(torch.tensor([[1, 2, 3]]))
+    for bad, message in (("x", "'x' is not PATTERN=SCHEME"), ("a=int4:q3", "'q3' is not a parameter"),
+                         ("a=int4:g48", "group_size must be one of"), ("a=int9", "unknown quantization scheme id 'int9'")):
+        r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "z.cllm"), "--quant-override", bad])
+        assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "z.cllm").exists()

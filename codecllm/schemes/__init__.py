@@ -138,6 +138,18 @@ def get_scheme(scheme_id: Any, params: dict[str, Any] | None = None) -> Scheme:
         raise CodecLLMError(f"scheme {scheme_id!r}: {e}") from None
 
 
+def parse_scheme(spec: str) -> Scheme:
+    """A scheme from its command-line spelling: an id, then ``:gN`` for a group size (``int4:g32``)."""
+    sid, _, rest = str(spec).partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        if item.startswith("g") and item[1:].isdigit():
+            params["group_size"] = int(item[1:])
+        else:
+            raise CodecLLMError(f"scheme {spec!r}: {item!r} is not a parameter (a group size is written gN, as in int4:g64)")
+    return get_scheme(sid, params)
+
+
 def scheme_ids() -> list[str]:
     return sorted(_REGISTRY)
 
