@@ -68,7 +68,9 @@ class _SizeType(click.ParamType):
               help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
 @click.option("--group-size", type=int, default=None, help="Weights per scale of a grouped scheme (int4: 32, 64 or 128; default 64).")
 @click.option("--quant-override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
-              help="Scheme for modules matching PATTERN (repeatable; the last match wins), e.g. 'model.embed_tokens=int8' or '*.down_proj=int4:g32'.")
+              help="Scheme for modules matching PATTERN (repeatable; the last match wins, also over the exact edge down_proj; "
+                   "a tied pair follows its matching member; the --quant scheme named alone takes --group-size), "
+                   "e.g. 'model.embed_tokens=int8' or '*.down_proj=int4:g32'.")
 @click.option("--codec", type=click.Choice(codec_ids()), default=default_codec_id(), show_default=True,
               help="Entropy codec of the stored parts (raw: uncompressed).")
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")

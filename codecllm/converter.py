@@ -228,7 +228,9 @@ def convert(
     skip = tuple(skip)
     quant = quant or default_scheme_id()
     scheme, coding = check_options(quant, codec, chunk_size, level, group_size)
-    override_schemes = tuple((pat, parse_scheme(spec)) for pat, spec in overrides)
+    # an override naming the default scheme without parameters takes --group-size too
+    override_schemes = tuple((pat, parse_scheme(f"{spec}:g{group_size}" if spec == quant and group_size is not None else spec))
+                             for pat, spec in overrides)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")

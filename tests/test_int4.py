@@ -60,9 +60,25 @@ def test_quantizer_beats_round_to_nearest():
     assert all(torch.equal(a, b) for a, b in zip(s.quantize(tail).values(), s.quantize(tail).values()))
 
 
+def test_constant_zero_and_tiny_groups_decode_finite():
+    """A group whose weights are all equal (or all zero, or within a range fp16 cannot resolve as a scale)
+    decodes to finite values close to its own: the scale has a floor."""
+    w = torch.full((4, 128), 0.02)
+    w[0, :64] = 0.5
+    w[1, :64] = 0.0
+    w[2, :64] = -0.3
+    w[2, 64:] = 1e-7 * torch.arange(64)
+    w[3, :64] = 0.02
+    w[3, 5] = 0.0201
+    s = get_scheme("int4")
+    d = s.dequantize(s.quantize(w), torch.float32)
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d, w, rtol=2e-3, atol=1e-6)
+
+
 def test_parameters_and_odd_widths():
     assert get_scheme("int4").params == {"group_size": 64}
-    for bad in (48, 0, True, "64"):
+    for bad in (48, 0, True, "64", 64.0):
         with pytest.raises(CodecLLMError, match="group_size must be one of 32, 64, 128"):
             get_scheme("int4", {"group_size": bad})
     s = get_scheme("int4")
@@ -115,8 +131,13 @@ def test_quant_overrides(tiny_llama, tmp_path):
     assert schemes["model.layers.0.mlp.up_proj.weight"] == "none"
     assert schemes["model.layers.1.mlp.up_proj.weight"] == "int4(group_size=64)"
     assert summary.warnings == ["--quant-override 'nothing.here' matches no module"]
+    # an override naming the --quant scheme alone takes --group-size
+    codecllm.convert(tiny_llama, tmp_path / "g.cllm", quant="int4", group_size=32, overrides=[("*.up_proj", "int4")])
+    with CllmFile(tmp_path / "g.cllm") as f:
+        assert repr(f.doc.tensors["model.layers.1.mlp.up_proj.weight"].scheme) == "int4(group_size=32)"
     codecllm.load(out)(torch.tensor([[1, 2, 3]]))
-    for bad, message in (("x", "'x' is not PATTERN=SCHEME"), ("a=int4:q3", "'q3' is not a parameter"),
+    for bad, message in (("x", "'x' is not PATTERN=SCHEME"), ("a=int4:q3", "'q3' is not a parameter"), ("a=int4:g\u00b2", "is not a parameter"),
+                         ("a=int4:g32,g64", "'g64' is not a parameter"),
                          ("a=int4:g48", "group_size must be one of"), ("a=int9", "unknown quantization scheme id 'int9'")):
         r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "z.cllm"), "--quant-override", bad])
         assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -143,7 +143,7 @@ def parse_scheme(spec: str) -> Scheme:
     sid, _, rest = str(spec).partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
-        if item.startswith("g") and item[1:].isdigit():
+        if item.startswith("g") and item[1:].isdecimal() and item[1:].isascii() and "group_size" not in params:
             params["group_size"] = int(item[1:])
         else:
             raise CodecLLMError(f"scheme {spec!r}: {item!r} is not a parameter (a group size is written gN, as in int4:g64)")

@@ -2,8 +2,8 @@
 an fp16 zero point: ``w ~ (q - zero) * scale``, ``q`` in [0, 15].
 
 Parts: ``qweight`` (U8, ``[out, in / 2]``: two codes per byte, the even column in the low nibble),
-``scale`` and ``zero`` (F16, ``[out, ceil(in / group_size)]``). ``in`` must be even (an odd one is left to
-another scheme: ``applies_to``); one that is not a multiple of the group size ends in a shorter group,
+``scale`` and ``zero`` (F16, ``[out, ceil(in / group_size)]``). ``in`` must be even (a weight with an odd
+one is not int4: ``applies_to``; the converter keeps it exact); one that is not a multiple of the group size ends in a shorter group,
 quantized over its own weights only.
 
 Quantization needs no data: per group, the min/max range is shrunk over a grid of clipping factors and
@@ -40,7 +40,7 @@ class Int4(Scheme):
     main_part = "qweight"
 
     def __init__(self, group_size: int = 64, transpose: bool = False):
-        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        if type(group_size) is not int or group_size not in GROUP_SIZES:
             raise CodecLLMError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
         if not isinstance(transpose, bool):
             raise CodecLLMError(f"int4 parameter transpose must be true or false, got {transpose!r}")
@@ -98,8 +98,8 @@ class Int4(Scheme):
     def embedding(self, parts, ids, dtype):
         if self.transpose:
             return super().embedding(parts, ids, dtype)
-        flat = ids.reshape(-1)
-        rows = _dequantize_rows(parts["qweight"][flat], parts["scale"][flat], parts["zero"][flat], self.group_size, self._cols(parts))
+        flat = ids.reshape(-1)  # index_select: an id out of range is an error, as in an embedding lookup
+        rows = _dequantize_rows(*(parts[n].index_select(0, flat) for n in ("qweight", "scale", "zero")), self.group_size, self._cols(parts))
         return rows.to(dtype).reshape(*ids.shape, -1)
 
     def _cols(self, parts) -> int:
@@ -123,8 +123,12 @@ def _quantize_groups(w: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tens
     om = valid.reshape(1, groups, gs)
     lo0, hi0 = g.amin(-1), g.amax(-1)
 
+    # the least scale: |zero| stays within 2048 (exact in fp16, and a constant group decodes exactly), and
+    # fp16 keeps it above 0
+    floor = torch.maximum(torch.maximum(lo0.abs(), hi0.abs()) / 2048, torch.tensor(2.0 ** -24))
+
     def fit(lo, hi):
-        s = ((hi - lo) / QMAX).clamp_min(1e-8)
+        s = torch.maximum((hi - lo) / QMAX, floor)
         z = -lo / s
         return s, z
 
@@ -143,7 +147,7 @@ def _quantize_groups(w: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tens
         q = best[0]
         qm, wm = (om * q).sum(-1, keepdim=True) / n, (om * g).sum(-1, keepdim=True) / n
         var = (om * (q - qm) ** 2).sum(-1)
-        s = torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[1]).clamp_min(1e-8)
+        s = torch.maximum(torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[1]), floor)
         z = qm[..., 0] - wm[..., 0] / s
         best = _keep_better(best, assign(s, z))
     q, s, z, _ = best
