@@ -90,7 +90,7 @@ def test_parameters_and_odd_widths():
 
 def test_model_end_to_end(tiny_llama, tmp_path):
     """CLI convert with --group-size, load in both modes (equal), close to the original; dump verifies and
-    shows the scheme with its group size; int8 takes no group size."""
+    shows the scheme with its group size; none takes no group size."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "m.cllm"
@@ -105,8 +105,8 @@ def test_model_end_to_end(tiny_llama, tmp_path):
         assert sqnr_db(ref(ids).logits, resident) > 10
     r = CliRunner().invoke(dump_cmd, [str(out), "--verify"])
     assert r.exit_code == 0 and "int4(group_size=32)" in r.output, r.output
-    r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "x.cllm"), "--quant", "int8", "--group-size", "32"])
-    assert r.exit_code == 1 and "scheme 'int8' takes no group size" in r.output
+    r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "x.cllm"), "--quant", "none", "--group-size", "32"])
+    assert r.exit_code == 1 and "scheme 'none' takes no group size" in r.output
     assert not (tmp_path / "x.cllm").exists()
 
 
@@ -142,3 +142,43 @@ def test_quant_overrides(tiny_llama, tmp_path):
         r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "z.cllm"), "--quant-override", bad])
         assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "z.cllm").exists()
+
+
+@pytest.mark.parametrize("k", [128, 100], ids=["K128", "K100"])
+def test_int8_groups(k):
+    """``int8`` with a group size: one fp16 scale per group along K (the last one shorter where K is not a
+    multiple), max|w| / 127 rounded to fp16; closer than per-row scales on weights whose rows mix scales;
+    no CUDA stand-in (the CUDA kernels take one scale per row: the loader keeps such weights dense)."""
+    torch.manual_seed(k)
+    w = torch.randn(6, k) * 0.02
+    w[:, :32] *= 10  # one loud group per row
+    s = get_scheme("int8", {"group_size": 32})
+    assert s.params == {"group_size": 32} and get_scheme("int8").params == {}
+    parts = s.quantize(w)
+    assert parts["scale"].dtype == torch.float16 and tuple(parts["scale"].shape) == (6, -(-k // 32))
+    assert {n: tuple(p.shape) for n, p in parts.items()} == {n: p.shape for n, p in s.layout("F16", (6, k)).items()}
+    g = torch.arange(k) // 32
+    expect_scale = torch.stack([w[:, g == i].abs().amax(1) for i in range(g.max() + 1)], 1) / 127
+    assert torch.equal(parts["scale"], expect_scale.half())
+    d = s.dequantize(parts, torch.float32)
+    assert torch.equal(d, parts["qweight"].float() * parts["scale"].float()[:, g])
+    per_row = get_scheme("int8")
+    assert ((d - w) ** 2).sum() < 0.5 * ((per_row.dequantize(per_row.quantize(w), torch.float32) - w) ** 2).sum()
+    ids = torch.tensor([[1, 4], [5, 0]])
+    assert torch.equal(s.embedding(parts, ids, torch.float32), d[ids])
+    assert s.stand_in(nn.Linear(k, 6), "cuda") is None and s.stand_in(nn.Linear(k, 6), "cpu") is not None
+    assert per_row.stand_in(nn.Linear(k, 6), "cuda") is not None
+    with pytest.raises(CodecLLMError, match="int8 group_size must be one of 32, 64, 128"):
+        get_scheme("int8", {"group_size": 16})
+
+
+def test_int8_groups_end_to_end(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "g.cllm"
+    codecllm.convert(tiny_llama, out, quant="int8", group_size=32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = codecllm.load(out)(ids).logits, codecllm.load(out, mode="stream")(ids).logits
+        assert torch.equal(a, b) and sqnr_db(ref(ids).logits, a) > 35

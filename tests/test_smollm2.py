@@ -90,3 +90,12 @@ def test_int4_against_original(smollm2_src, original, tmp_path):
     c = compare(codecllm.load(out), original[0])
     print(f"\nint4 g64: {c}")
     assert c.mean_kl <= INT4_MAX_MEAN_KL and c.top1_agreement >= INT4_MIN_TOP1, c
+
+
+# int8 with one fp16 scale per 64 weights (Q8_0-like): measured KL 0.002140, top-1 97.49% (per row: 0.004570).
+def test_int8_groups_against_original(smollm2_src, original, tmp_path):
+    out = tmp_path / "int8g64.cllm"
+    codecllm.convert(smollm2_src, out, quant="int8", group_size=64)
+    c = compare(codecllm.load(out), original[0])
+    print(f"\nint8 g64: {c}")
+    assert c.mean_kl <= 0.0025 and c.top1_agreement >= 0.965, c

@@ -1,7 +1,10 @@
 """``int8``: symmetric, one float32 scale per output channel, codes in [-127, 127].
 
 ``scale[r] = max|w[r, :]| / 127`` (1 for an all-zero row), ``q = round_half_even(w / scale[r])``. Parts:
-``qweight`` (I8, ``[out, in]``) and ``scale`` (F32, ``[out]``). A weight stored as ``[in, out]`` (transformers'
+``qweight`` (I8, ``[out, in]``) and ``scale`` (F32, ``[out]``). With ``group_size`` (32, 64, 128), one fp16
+scale per group of that many weights along K instead (llama.cpp's Q8_0 with groups of 32): ``scale`` is F16
+``[out, ceil(in / group_size)]``; such weights compute dequantized per call on the CPU and are kept
+dequantized on CUDA, whose kernels take one scale per row. A weight stored as ``[in, out]`` (transformers'
 ``Conv1D``) is encoded transposed, with the parameter ``transpose``, so that its output channels are rows
 like a Linear's. Stand-ins: Linear, Conv1D and Embedding on the CPU (here) and on CUDA (``.cuda``).
 """
@@ -20,6 +23,7 @@ from ...qmodules import CpuStream, QEmbedding, QLinear
 from .. import PartSpec, Scheme, register, register_module
 
 QMAX = 127
+GROUP_SIZES = (32, 64, 128)
 # rows quantized at a time, so that converting a large tensor needs one float32 block, not a float32 copy
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -31,25 +35,34 @@ class Int8(Scheme):
     default = True
     main_part = "qweight"
 
-    def __init__(self, transpose: bool = False):
+    def __init__(self, transpose: bool = False, group_size: int | None = None):
         if not isinstance(transpose, bool):
             raise CodecLLMError(f"int8 parameter transpose must be true or false, got {transpose!r}")
-        self.transpose = transpose
+        if group_size is not None and (type(group_size) is not int or group_size not in GROUP_SIZES):
+            raise CodecLLMError(f"int8 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+        self.transpose, self.group_size = transpose, group_size
 
     @property
     def params(self):
-        return {"transpose": True} if self.transpose else {}
+        return {**({"transpose": True} if self.transpose else {}), **({"group_size": self.group_size} if self.group_size else {})}
+
+    def stand_in(self, module, backend, exact=True):
+        if self.group_size and backend.startswith("cuda"):  # the CUDA kernels take one scale per row
+            return None
+        return super().stand_in(module, backend, exact)
 
     def applies_to(self, module, param, tensor_shape, float_tensor):
         return param == "weight" and float_tensor and len(tensor_shape) == 2 and isinstance(module, tuple(self.modules))
 
     def for_module(self, module):
-        return Int8(transpose=True) if isinstance(module, Conv1D) else self
+        return Int8(transpose=True, group_size=self.group_size) if isinstance(module, Conv1D) else self
 
     def layout(self, dtype, shape):
         if len(shape) != 2 or dtype not in FLOAT_DTYPES:
             raise FormatError(f"int8 stores 2-D floating-point tensors, not {dtype} {list(shape)}")
         out_f, in_f = (shape[1], shape[0]) if self.transpose else shape
+        if self.group_size:
+            return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F16", (out_f, -(-in_f // self.group_size)))}
         return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F32", (out_f,))}
 
     def quantize(self, w):
@@ -58,6 +71,8 @@ class Int8(Scheme):
         if self.transpose:
             w = w.t()
         rows, cols = w.shape
+        if self.group_size:
+            return self._quantize_groups(w)
         q = torch.empty((rows, cols), dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
         step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
@@ -69,13 +84,40 @@ class Int8(Scheme):
             scale[r:r + step] = s
         return {"qweight": q, "scale": scale}
 
+    def _quantize_groups(self, w):
+        """One fp16 scale per group of ``group_size`` weights along K (as llama.cpp's Q8_0): the group's
+        max|w| / 127, rounded to fp16 before the codes are computed from it."""
+        rows, cols = w.shape
+        gs = self.group_size
+        groups = -(-cols // gs)
+        q = torch.empty((rows, cols), dtype=torch.int8)
+        scale = torch.empty((rows, groups), dtype=torch.float16)
+        step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        for r in range(0, rows, step):
+            block = w[r:r + step].to(torch.float32)
+            padded = torch.nn.functional.pad(block, (0, groups * gs - cols)).reshape(block.shape[0], groups, gs)
+            s = (padded.abs().amax(dim=2) / QMAX).half().float()
+            best_s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: codes 0 with any scale
+            q[r:r + step] = torch.round(padded / best_s[..., None]).clamp_(-QMAX, QMAX).reshape(block.shape[0], -1)[:, :cols].to(torch.int8)
+            scale[r:r + step] = best_s.half()
+        return {"qweight": q, "scale": scale}
+
     def dequantize(self, parts, dtype):
         q = parts["qweight"]
-        w = (q.to(torch.float32) * parts["scale"].to(q.device, torch.float32)[:, None]).to(dtype)
+        s = parts["scale"].to(q.device, torch.float32)
+        if self.group_size:
+            s = s.repeat_interleave(self.group_size, dim=1)[:, :q.shape[1]]
+        else:
+            s = s[:, None]
+        w = (q.to(torch.float32) * s).to(dtype)
         return w.t().contiguous() if self.transpose else w
 
     def embedding(self, parts, ids, dtype):
-        if self.transpose:
+        if self.transpose or self.group_size:
+            if self.group_size and not self.transpose:  # dequantize the rows asked for only
+                flat = ids.reshape(-1)
+                rows = {n: parts[n].index_select(0, flat) for n in ("qweight", "scale")}
+                return self.dequantize(rows, dtype).reshape(*ids.shape, -1)
             return super().embedding(parts, ids, dtype)
         rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
         return (rows * parts["scale"][ids].unsqueeze(-1)).to(dtype)
@@ -85,6 +127,9 @@ class Int8Linear(QLinear):
     """Linear (or Conv1D) with an int8 weight: the CPU kernel of ``codecllm.kernels.cpu``."""
 
     def linear(self, x, parts):
+        if self.scheme.group_size:  # one layer's weight dequantized per call
+            w = self.scheme.dequantize(parts, x.dtype)
+            return F.linear(x, w.t() if self.transposed else w, self.bias)
         return cpu_kernels.int8_linear(x, parts["qweight"], parts["scale"], self.bias)
 
 
