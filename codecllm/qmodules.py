@@ -124,7 +124,7 @@ class QModule(nn.Module):
 
 class QLinear(QModule, nn.Linear):
     """Stands in for ``nn.Linear`` (and for transformers' ``Conv1D``, whose weight is stored transposed:
-    its scheme encodes it as ``[out, in]`` like a Linear's). Subclasses implement ``linear``."""
+    its scheme encodes it as ``[out, in]`` like a Linear's). ``linear`` computes from the encoded parts."""
 
     def __init__(self, scheme, parts, weight_shape, compute_dtype, device, out_features: int, in_features: int,
                  bias: torch.Tensor | None):
@@ -151,14 +151,17 @@ class QLinear(QModule, nn.Linear):
         return self.linear(x, w.module.parts())
 
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight dequantized for this call (one layer's float copy at a time, never the model's);
+        a stand-in with a kernel for its codes overrides this."""
+        w = self.scheme.dequantize(parts, x.dtype)
+        return F.linear(x, w.t() if self.transposed else w, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self.scheme!r}"
 
 
 class QEmbedding(QModule, nn.Embedding):
-    """Stands in for ``nn.Embedding``. Subclasses implement ``embedding``."""
+    """Stands in for ``nn.Embedding``; ``embedding`` gathers rows from the encoded parts."""
 
     def __init__(self, scheme, parts, weight_shape, compute_dtype, device, padding_idx: int | None):
         super().__init__(scheme, parts, weight_shape, compute_dtype, device)
@@ -177,7 +180,8 @@ class QEmbedding(QModule, nn.Embedding):
         return self.embedding(ids, w.module.parts())
 
     def embedding(self, ids: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The rows ``ids``, as the scheme gathers them (``Scheme.embedding``)."""
+        return self.scheme.embedding(parts, ids, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme!r}"

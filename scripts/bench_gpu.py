@@ -35,24 +35,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import MODELS, write_checkpoint  # noqa: E402
 
 import codecllm  # noqa: E402
-from codecllm.gpu.graphs import capture  # noqa: E402
+from codecllm.gpu.graphs import capture, events_ms  # noqa: E402,F401  (events_ms: also for bench_kernel.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda"
-
-
-def events_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def wall_ms(fn) -> float:

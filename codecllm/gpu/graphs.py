@@ -1,7 +1,9 @@
-"""Capturing a function in a CUDA graph, the way benchmarks and tests replay a model's forward."""
+"""Capturing a function in a CUDA graph, the way benchmarks and tests replay a model's forward, and timing
+GPU work with events (benchmarks, and the large-M path choice of ``codecllm.kernels.int8_triton``)."""
 
 from __future__ import annotations
 
+import statistics
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -28,3 +30,18 @@ def capture(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGrap
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def events_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` on the current stream, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)

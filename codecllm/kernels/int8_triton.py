@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..errors import DeviceError
+from ..gpu.graphs import events_ms
 
 MAX_SPLIT_K = 8
 SPLIT_MAX_N = 8192  # wider outputs have tiles enough: K is not split for them
@@ -362,19 +363,8 @@ def _cublas_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 def _choose(key: tuple, triton_call, cublas_call, device: torch.device, reps: int = 5) -> str:
     """Time both large-M paths on the call's own arguments (each overwrites the call's output) and keep
     the faster for ``key`` from now on in this process."""
-    times = {}
     with torch.cuda.device(device):
-        for name, fn in (("triton", triton_call), ("cublas", cublas_call)):
-            fn()
-            ts = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            times[name] = sorted(ts)[reps // 2]
+        times = {"triton": events_ms(triton_call, reps, warmup=1), "cublas": events_ms(cublas_call, reps, warmup=1)}
     _path[key] = min(times, key=times.get)
     return _path[key]
 

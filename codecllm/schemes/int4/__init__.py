@@ -173,12 +173,7 @@ def _dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 class Int4Linear(QLinear):
-    """Linear (or Conv1D) with int4 weights on the CPU: the layer's weight is dequantized for each call
-    (one layer's float copy at a time, never the model's)."""
-
-    def linear(self, x, parts):
-        w = self.scheme.dequantize(parts, x.dtype)
-        return F.linear(x, w.t() if self.transposed else w, self.bias)
+    """Linear (or Conv1D) with int4 weights on the CPU: dequantized for each call (``QLinear.linear``)."""
 
 
 class Int4StreamLinear(CpuStream, Int4Linear):
@@ -186,8 +181,7 @@ class Int4StreamLinear(CpuStream, Int4Linear):
 
 
 class Int4Embedding(QEmbedding):
-    def embedding(self, ids, parts):
-        return self.scheme.embedding(parts, ids, self.compute_dtype)
+    """An int4 embedding table: ``Int4.embedding`` dequantizes the rows asked for."""
 
 
 for _float in (nn.Linear, Conv1D):

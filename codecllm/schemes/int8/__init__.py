@@ -127,9 +127,8 @@ class Int8Linear(QLinear):
     """Linear (or Conv1D) with an int8 weight: the CPU kernel of ``codecllm.kernels.cpu``."""
 
     def linear(self, x, parts):
-        if self.scheme.group_size:  # one layer's weight dequantized per call
-            w = self.scheme.dequantize(parts, x.dtype)
-            return F.linear(x, w.t() if self.transposed else w, self.bias)
+        if self.scheme.group_size:  # no kernel for group scales: dequantized per call
+            return super().linear(x, parts)
         return cpu_kernels.int8_linear(x, parts["qweight"], parts["scale"], self.bias)
 
 
@@ -138,10 +137,8 @@ class Int8StreamLinear(CpuStream, Int8Linear):
 
 
 class Int8Embedding(QEmbedding):
-    """An embedding table stored int8 per row (the layout a tied int8 ``lm_head`` shares)."""
-
-    def embedding(self, ids, parts):
-        return self.scheme.embedding(parts, ids, self.compute_dtype)
+    """An embedding table stored int8 (the layout a tied int8 ``lm_head`` shares): ``Int8.embedding``
+    gathers the rows asked for."""
 
 
 for _float in (nn.Linear, Conv1D):

@@ -3,7 +3,6 @@ stream mode a Linear keeps it compressed and decodes it per call (``codecllm.qmo
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -29,9 +28,7 @@ class NoneScheme(Scheme):
 
 
 class NoneLinear(QLinear):
-    def linear(self, x, parts):
-        w = parts["data"].to(x.dtype)
-        return F.linear(x, w.t() if self.transposed else w, self.bias)
+    """A Linear whose float weight is the stored tensor (``QLinear.linear``: cast to the input's dtype)."""
 
 
 class NoneStreamLinear(CpuStream, NoneLinear):
