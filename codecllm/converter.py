@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
 from .output import AtomicOutput
-from .schemes import Scheme, default_scheme_id, get_scheme, parse_scheme, scheme_class
+from .schemes import Scheme, default_scheme_id, get_scheme, parse_scheme
 from .source import Checkpoint
 
 
@@ -180,8 +179,6 @@ def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme,
 
 def check_options(quant: str, codec: str, chunk_size: int, level: int | None, group_size: int | None = None) -> tuple[Scheme, _Coding]:
     """The scheme and the coding asked for; each validates its own parameters."""
-    if group_size is not None and "group_size" not in inspect.signature(scheme_class(quant)).parameters:
-        raise CodecLLMError(f"scheme {quant!r} takes no group size")
     scheme = get_scheme(quant, None if group_size is None else {"group_size": group_size})
     c = get_codec(codec or default_codec_id())
     options = c.check_options(**({} if level is None else {"level": level}))
@@ -228,9 +225,8 @@ def convert(
     skip = tuple(skip)
     quant = quant or default_scheme_id()
     scheme, coding = check_options(quant, codec, chunk_size, level, group_size)
-    # an override naming the default scheme without parameters takes --group-size too
-    override_schemes = tuple((pat, parse_scheme(f"{spec}:g{group_size}" if spec == quant and group_size is not None else spec))
-                             for pat, spec in overrides)
+    # an override naming the --quant scheme alone is that scheme, with --group-size
+    override_schemes = tuple((pat, scheme if spec == quant else parse_scheme(spec)) for pat, spec in overrides)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")

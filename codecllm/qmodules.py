@@ -230,10 +230,13 @@ class CpuStream:
         self.register_buffer("payload", payload, persistent=False)
         self.stream_part = part  # codec id, chunk table, dtype, shape of the main part
         self.workspace = workspace
+        self.checked = False
+        self._decode(workspace.take(part.nbytes))  # once with every check: a bad payload fails the load
+        self.checked = True  # from now on frames decode straight into the workspace
 
     def _decode(self, out: np.ndarray) -> torch.Tensor:
         p = self.stream_part
-        decode_cpu(p.codec, self.payload.numpy(), p.chunks, p.chunk_size or 0, p.nbytes, out=out)
+        decode_cpu(p.codec, self.payload.numpy(), p.chunks, p.chunk_size or 0, p.nbytes, out=out, checked=self.checked)
         return torch.from_numpy(out).view(torch_dtype(p.dtype)).reshape(p.shape)
 
     def parts(self) -> dict[str, torch.Tensor]:

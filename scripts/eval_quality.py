@@ -16,6 +16,7 @@ min..max (the quantizer's clipping search and refits turned off). The checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -28,6 +29,7 @@ import torch
 import codecllm
 import codecllm.schemes.int4 as int4
 from codecllm.quality import compare, reference_logits
+from codecllm.schemes import parse_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,14 +40,22 @@ def parse_recipe(recipe: str) -> tuple[str, dict, bool]:
     base, *overrides = recipe.rstrip("!").split("+")
     rtn = base.startswith("rtn-")
     spec = base.removeprefix("rtn-")
-    quant, _, params = spec.partition(":")
-    kw = {"quant": quant, "quantize_all": quantize_all,
+    scheme = parse_scheme(spec)  # the CLI's own spelling and checks
+    kw = {"quant": scheme.id, "group_size": scheme.params.get("group_size"), "quantize_all": quantize_all,
           "overrides": [tuple(o.split("=", 1)) for o in overrides]}
-    if params:
-        if not (params.startswith("g") and params[1:].isdecimal()):
-            raise SystemExit(f"recipe {recipe!r}: {params!r} is not a group size (gN)")
-        kw["group_size"] = int(params[1:])
     return spec, kw, rtn
+
+
+@contextlib.contextmanager
+def plain_rounding(on: bool):
+    """int4 with round-to-nearest over each group's min..max: its clipping search and refits turned off."""
+    saved = (int4.CLIP_GRID, int4.REFITS)
+    if on:
+        int4.CLIP_GRID, int4.REFITS = 1, 0
+    try:
+        yield
+    finally:
+        int4.CLIP_GRID, int4.REFITS = saved
 
 
 def weight_bits(summary) -> float:
@@ -74,21 +84,19 @@ def main() -> None:
     ids = AutoTokenizer.from_pretrained(src)(text, return_tensors="pt").input_ids[0][:args.tokens + 1]
     ref = reference_logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
     rows = []
-    saved = (int4.CLIP_GRID, int4.REFITS)
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
             spec, kw, rtn = parse_recipe(recipe)
-            int4.CLIP_GRID, int4.REFITS = (1, 0) if rtn else saved
             out = Path(tmp) / "m.cllm"
             t = time.perf_counter()
-            summary = codecllm.convert(src, out, force=True, **kw)
+            with plain_rounding(rtn):
+                summary = codecllm.convert(src, out, force=True, **kw)
             seconds = time.perf_counter() - t
             c = compare(codecllm.load(out, dtype=torch.float32), ref)
             row = {"recipe": recipe, "convert_s": seconds, "file_bytes": out.stat().st_size, "of_fp16": out.stat().st_size / fp16_bytes,
                    "bits_per_weight": weight_bits(summary), **c.to_json()}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    int4.CLIP_GRID, int4.REFITS = saved
     print(f"\n{src.name}, {ids.numel() - 1} tokens of {Path(args.text).name}, float32 on the CPU")
     print(f"{'recipe':<40}{'bits/w':>8}{'of fp16':>9}{'ppl':>9}{'mean KL':>10}{'p99 KL':>9}{'top-1':>8}{'convert':>9}")
     for r in rows:

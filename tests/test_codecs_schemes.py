@@ -123,3 +123,30 @@ def test_zstd_chunk_holds_exactly_one_frame(tail):
     chunk = frame + (frame if tail == "frame" else tail)
     with pytest.raises(DecodeError, match="follow its frame"):
         decode_cpu("zstd", memoryview(chunk), [len(chunk)], 4096, 4096)
+
+
+def test_cpu_stream_checks_frames_once_at_load(tiny_llama, tmp_path, monkeypatch):
+    """CPU stream layers decode their payloads once at load with every check (a bad one fails the load);
+    per forward the frames then go straight into the workspace, still checked for their decoded size."""
+    import codecllm
+    from codecllm.codecs import decode_cpu
+    from codecllm.codecs import zstd as zstd_codec
+
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm", chunk_size=4096)
+    strict, direct = [], []
+    monkeypatch.setattr(zstd_codec, "_decode_frame", lambda f, o, i, run=zstd_codec._decode_frame: strict.append(i) or run(f, o, i))
+    monkeypatch.setattr(zstd_codec, "_decode_checked_frame",
+                        lambda f, o, i, run=zstd_codec._decode_checked_frame: direct.append(i) or run(f, o, i))
+    resident = codecllm.load(tmp_path / "m.cllm")
+    strict.clear()
+    model = codecllm.load(tmp_path / "m.cllm", mode="stream")
+    at_load = len(strict)  # every chunk of every stream layer once, and the resident parts
+    streamed = sum(len(m.stream_part.chunks) for m in model.modules() if hasattr(m, "stream_part"))
+    assert at_load >= streamed > 0 and not direct
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, resident(ids).logits)
+    assert len(strict) == at_load and len(direct) == streamed  # each stream layer runs once per forward
+    frame = get_codec("zstd").encode(memoryview(bytes(100)), 100)[0]
+    with pytest.raises(DecodeError, match="decoded to 100 bytes, expected 120"):
+        decode_cpu("zstd", frame, [len(frame)], 120, 120, checked=True)

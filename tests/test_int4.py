@@ -106,7 +106,7 @@ def test_model_end_to_end(tiny_llama, tmp_path):
     r = CliRunner().invoke(dump_cmd, [str(out), "--verify"])
     assert r.exit_code == 0 and "int4(group_size=32)" in r.output, r.output
     r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "x.cllm"), "--quant", "none", "--group-size", "32"])
-    assert r.exit_code == 1 and "scheme 'none' takes no group size" in r.output
+    assert r.exit_code == 1 and "scheme 'none' takes no parameter 'group_size'" in r.output
     assert not (tmp_path / "x.cllm").exists()
 
 

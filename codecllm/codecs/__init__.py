@@ -58,7 +58,9 @@ def register(cls: type[Codec]) -> type[Codec]:
 
 
 def register_decoder(codec_id: str, backend: str) -> Callable:
-    """Decorator: ``fn`` decodes ``codec_id`` payloads on ``backend`` ("cpu", "cuda")."""
+    """Decorator: ``fn`` decodes ``codec_id`` payloads on ``backend`` ("cpu", "cuda"). A CPU decoder is
+    ``fn(payload, chunk_sizes, chunk_size, out, checked)``: ``checked`` says the same bytes decoded
+    before with every check."""
 
     def deco(fn):
         _DECODERS[(codec_id, backend)] = fn
@@ -110,11 +112,13 @@ def shared_pool() -> ThreadPoolExecutor:
     return _shared_pool
 
 
-def decode_cpu(codec_id: str, payload, chunk_sizes: list[int], chunk_size: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode a payload on the CPU into ``out`` (a new ``uint8`` array of exactly ``nbytes`` bytes by default)."""
+def decode_cpu(codec_id: str, payload, chunk_sizes: list[int], chunk_size: int, nbytes: int, out: np.ndarray | None = None,
+               checked: bool = False) -> np.ndarray:
+    """Decode a payload on the CPU into ``out`` (a new ``uint8`` array of exactly ``nbytes`` bytes by default).
+    ``checked=True`` only for bytes that decoded before with every check (a codec may then skip them)."""
     if out is None:
         out = np.empty(nbytes, dtype=np.uint8)
-    decoder(codec_id, "cpu")(memoryview(payload).cast("B"), chunk_sizes, chunk_size, out)
+    decoder(codec_id, "cpu")(memoryview(payload).cast("B"), chunk_sizes, chunk_size, out, checked)
     return out
 
 

@@ -19,7 +19,7 @@ class Raw(Codec):
 
 
 @register_decoder("raw", "cpu")
-def _decode(payload: memoryview, chunk_sizes, chunk_size, out: np.ndarray) -> None:
+def _decode(payload: memoryview, chunk_sizes, chunk_size, out: np.ndarray, checked: bool = False) -> None:
     if len(payload) != len(out):
         raise DecodeError(f"raw payload holds {len(payload)} bytes, expected {len(out)}")
     out[:] = np.frombuffer(payload, dtype=np.uint8)

@@ -86,9 +86,19 @@ def _decode_frame(frame: memoryview, out: memoryview, i: int) -> None:
     out[:] = data
 
 
+def _decode_checked_frame(frame: memoryview, out: memoryview, i: int) -> None:
+    """A chunk already checked by ``_decode_frame`` (the same bytes, decoded before): straight into ``out``,
+    with no intermediate buffer."""
+    with _decompressor().stream_reader(frame) as reader:
+        n = reader.readinto(out)
+    if n != len(out):
+        raise DecodeError(f"chunk {i} decoded to {n} bytes, expected {len(out)}")
+
+
 @register_decoder("zstd", "cpu")
-def _decode(payload: memoryview, chunk_sizes: list[int], chunk_size: int, out: np.ndarray) -> None:
-    """Decode every chunk into its place in ``out``.
+def _decode(payload: memoryview, chunk_sizes: list[int], chunk_size: int, out: np.ndarray, checked: bool = False) -> None:
+    """Decode every chunk into its place in ``out``. ``checked``: these very bytes decoded with every check
+    before (stream mode decodes its payloads once at load), so each frame goes straight into ``out``.
 
     The chunks are cut into one contiguous run per free core; this thread decodes the first run and the
     shared pool the others (zstandard releases the GIL). One future per run, not per chunk: on 2 cores a
@@ -103,9 +113,11 @@ def _decode(payload: memoryview, chunk_sizes: list[int], chunk_size: int, out: n
     starts = np.concatenate([[0], np.cumsum(chunk_sizes, dtype=np.int64)]).tolist()
     dst = memoryview(out).cast("B")
 
+    decode_frame = _decode_checked_frame if checked else _decode_frame
+
     def run(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            _decode_frame(payload[starts[i]:starts[i + 1]], dst[bounds[i][0]:bounds[i][1]], i)
+            decode_frame(payload[starts[i]:starts[i + 1]], dst[bounds[i][0]:bounds[i][1]], i)
 
     parts = min((os.cpu_count() or 1) - torch.get_num_threads() + 1, len(bounds) // 2)
     if parts <= 1:

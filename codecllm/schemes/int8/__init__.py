@@ -105,11 +105,12 @@ class Int8(Scheme):
     def dequantize(self, parts, dtype):
         q = parts["qweight"]
         s = parts["scale"].to(q.device, torch.float32)
-        if self.group_size:
-            s = s.repeat_interleave(self.group_size, dim=1)[:, :q.shape[1]]
+        if self.group_size:  # groups as a [rows, groups, group_size] view of the padded codes
+            rows, cols = q.shape
+            g = F.pad(q, (0, s.shape[1] * self.group_size - cols)).reshape(rows, s.shape[1], self.group_size)
+            w = (g.to(torch.float32) * s[..., None]).reshape(rows, -1)[:, :cols].to(dtype)
         else:
-            s = s[:, None]
-        w = (q.to(torch.float32) * s).to(dtype)
+            w = (q.to(torch.float32) * s[:, None]).to(dtype)
         return w.t().contiguous() if self.transpose else w
 
     def embedding(self, parts, ids, dtype):
