@@ -499,8 +499,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
     run = lambda: launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()),  # noqa: E731
                          lambda: (*tensors, *ints, *flags.values()))
-    done = launch is not None  # else the tuning computes y on the way
-    if not done:
+    done = launch is None  # a first call tunes the kernel, which computes y on the way
+    if done:
         launch = _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
     path = "triton"
     if m >= LARGE_M and qweight.stride() == (k, 1):
