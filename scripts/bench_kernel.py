@@ -1,12 +1,16 @@
-"""The fused int8 matmul against fp16 ``F.linear`` on TinyLlama's Linear shapes, and where the time of a
-CUDA-graph 16-token forward goes (with real Linear layers, with int8 ones, with Linear layers that do
-nothing). Prints tables; writes JSON to benchmarks/results/kernel.json.
+"""The fused int8 matmul (and with ``--int4 GS`` the int4 one) against fp16 ``F.linear`` on TinyLlama's
+Linear shapes or Llama-3-8B's (``--shapes l8``: fused q/k/v, o, fused gate/up, down, head), each inside a
+CUDA graph with weights rotated past L2; and for TinyLlama where the time of a CUDA-graph 16-token forward
+goes (with real Linear layers, with int8 ones, with Linear layers that do nothing). Prints tables; writes
+JSON (default benchmarks/results/kernel.json).
 
     python scripts/bench_kernel.py
+    python scripts/bench_kernel.py --shapes l8 --int4 64 --ms 1,16,2048 --out benchmarks/results/kernel_int4_h100.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -27,7 +31,8 @@ from codecllm.schemes.int8.cuda import Int8CudaLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda"
-SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]
+SHAPES = {"tinyllama": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048)],
+          "l8": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]}
 
 
 def timed(fn, reps=10, inner=20) -> float:
@@ -48,23 +53,36 @@ def timed(fn, reps=10, inner=20) -> float:
     return statistics.median(ts[2:])
 
 
-def matmuls() -> list[dict]:
+def matmuls(shapes, ms, int4_gs: int | None) -> list[dict]:
+    from codecllm.kernels.int4_triton import Int4Matmul
+
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         copies = max(2, (256 << 20) // (n * k * 2))  # rotate weights so that L2 does not hold them
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(copies)]
         q8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV) for _ in range(copies)]
         s = torch.rand(n, device=DEV) * 1e-3
-        for m in (1, 16, 256, 2048):
+        q4 = []
+        if int4_gs:
+            g = -(-k // int4_gs)
+            sz = (torch.rand(n, g, device=DEV).half() * 1e-3, torch.rand(n, g, device=DEV).half() * 15)
+            q4 = [Int4Matmul(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV), *sz, int4_gs) for _ in range(copies)]
+        for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             inner = min(copies, 64)
             t16 = timed(lambda i: F.linear(x, w16[i % copies]), inner=inner)
             t8 = timed(lambda i: int8_linear(x, q8[i % copies], s), inner=inner)
-            rows.append({"M": m, "N": n, "K": k, "fp16_us": t16 * 1e3, "int8_us": t8 * 1e3, "speedup": t16 / t8,
-                         "fp16_GBps": n * k * 2 / t16 / 1e6, "int8_GBps": n * k / t8 / 1e6})
-            print(f"M={m:<5} N={n:<6} K={k:<5} fp16 {t16 * 1e3:8.1f} us ({rows[-1]['fp16_GBps']:6.0f} GB/s)  "
-                  f"int8 {t8 * 1e3:8.1f} us ({rows[-1]['int8_GBps']:6.0f} GB/s)  {t16 / t8:.2f}x", flush=True)
-        del w16, q8
+            row = {"M": m, "N": n, "K": k, "fp16_us": t16 * 1e3, "int8_us": t8 * 1e3, "speedup": t16 / t8,
+                   "fp16_GBps": n * k * 2 / t16 / 1e6, "int8_GBps": n * k / t8 / 1e6}
+            line = (f"M={m:<5} N={n:<6} K={k:<5} fp16 {t16 * 1e3:8.1f} us ({row['fp16_GBps']:6.0f} GB/s)  "
+                    f"int8 {t8 * 1e3:8.1f} us ({row['int8_GBps']:6.0f} GB/s)  {t16 / t8:.2f}x")
+            if q4:
+                t4 = timed(lambda i: q4[i % copies](x), inner=inner)
+                nbytes = n * k // 2 + 4 * n * -(-k // int4_gs)
+                row.update({"int4_group_size": int4_gs, "int4_us": t4 * 1e3, "int4_speedup": t16 / t4, "int4_GBps": nbytes / t4 / 1e6})
+                line += f"  int4 {t4 * 1e3:8.1f} us ({row['int4_GBps']:6.0f} GB/s)  {t16 / t4:.2f}x"
+            rows.append(row)
+            print(line, flush=True)
     return rows
 
 
@@ -126,11 +144,23 @@ def forward_breakdown() -> dict:
 
 
 def main():
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "matmuls": matmuls(), "forward16": forward_breakdown()}
-    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    dest = ROOT / "benchmarks" / "results" / "kernel.json"
-    dest.write_text(json.dumps(res, indent=2) + "\n")
-    print("wrote", dest)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--ms", default="1,16,256,2048", help="input rows, comma-separated")
+    ap.add_argument("--int4", type=int, metavar="GS", help="also time the int4 kernels, groups of GS")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel.json")
+    a = ap.parse_args()
+    from codecllm.kernels.int8_triton import reserve_scratch
+    reserve_scratch(torch.device(DEV))  # split-K scratch for the capture stream of ``timed``
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes,
+           "matmuls": matmuls(SHAPES[a.shapes], [int(m) for m in a.ms.split(",")], a.int4)}
+    if a.shapes == "tinyllama":
+        res["forward16"] = forward_breakdown()
+    from codecllm.kernels.int8_triton import tuned_configs
+    res["configs"] = tuned_configs()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    print("wrote", a.out)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ class _Group:
         self.traced_outs: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     def traced(self, layer: nn.Module, x: torch.Tensor, op) -> torch.Tensor:
-        """Under ``torch.compile``: the group's first layer computes the whole group with one ``op`` call;
+        """Under ``torch.compile``: the group's first layer computes the whole group with one ``op(x, src)``
+        call, ``src`` the group's matmul (holding the joined tensors) instead of a layer;
         the others take their slices when called on that same input, later in the same traced forward (the
         last one clears them, so that nothing outlives the trace). Any other call computes on its own."""
         i = self.layers.index(layer)
         if i == 0:
-            mm = self.matmul
-            outs = list(op(x, mm.qweight, mm.scale, mm.bias).split(self.sizes, dim=-1))
+            outs = list(op(x, self.matmul).split(self.sizes, dim=-1))
             self.traced_outs = (x, outs)
             return outs[0]
         kept = self.traced_outs
@@ -48,7 +48,7 @@ class _Group:
             if i == len(self.layers) - 1:
                 self.traced_outs = None
             return kept[1][i]
-        return op(x, layer.qweight, layer.scale, layer.bias)
+        return op(x, layer)
 
 
 class SiblingFusion:

@@ -235,6 +235,9 @@ def reserve_scratch(device: torch.device) -> None:
     """Make scratch ahead for the streams a device's matmuls will meet (the caller's, the one CUDA-graph
     capture and ``torch.compile``'s CUDA graphs use): made during a capture, or while the compiler's
     graphs route allocations into their private pool, it would belong to that pool. The loader calls this."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device, as tensors made there get
+        device = torch.device("cuda", torch.cuda.current_device())
     spare = _spare.setdefault(device.index, [])
     while len(spare) < SPARE_SCRATCH and not torch.cuda.is_current_stream_capturing():
         spare.append(_Scratch(device))

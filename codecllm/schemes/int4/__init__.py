@@ -9,8 +9,8 @@ quantized over its own weights only.
 Quantization needs no data: per group, the min/max range is shrunk over a grid of clipping factors and
 the one with the least squared error kept, then scale and zero are refitted by least squares to the codes
 they give (twice, each kept only where it lowers the error). Deterministic. Stand-ins: Linear, Conv1D and
-Embedding on the CPU (dequantized per call, one layer at a time); on CUDA none yet, so the loader keeps
-such weights dequantized (dense).
+Embedding on the CPU (dequantized per call, one layer at a time) and on CUDA (``.cuda``: the fused int4
+kernels of ``codecllm.kernels.int4_triton``).
 """
 
 from __future__ import annotations
@@ -187,4 +187,7 @@ class Int4Embedding(QEmbedding):
 for _float in (nn.Linear, Conv1D):
     register_module(Int4, _float, "cpu", Int4Linear)
     register_module(Int4, _float, "cpu-stream", Int4StreamLinear)
+    register_module(Int4, _float, "cuda", "codecllm.schemes.int4.cuda:Int4CudaLinear")
+    register_module(Int4, _float, "cuda-stream", "codecllm.schemes.int4.cuda:Int4CudaStreamLinear")
 register_module(Int4, nn.Embedding, "cpu", Int4Embedding)
+register_module(Int4, nn.Embedding, "cuda", Int4Embedding)

@@ -27,13 +27,17 @@ class Int8CudaLinear(Int8Linear):
         if torch.compiler.is_compiling():  # the graph sees the operator; Inductor fuses around it
             if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
                 return super().forward(x)
-            op = torch.ops.codecllm.int8_linear
             if self.group is not None and x.numel() == self.in_features:  # one token: the group as one operator call
-                return self.group.traced(self, x, op)
-            return op(x, self._buffers["qweight"], self._buffers["scale"], self._parameters.get("bias"))
+                return self.group.traced(self, x, self.op)
+            return self.op(x, self)
         if self.runner is not None:
             return self.runner(self, x)
         return self.plain(x)
+
+    @staticmethod
+    def op(x: torch.Tensor, src) -> torch.Tensor:
+        """The ``codecllm::int8_linear`` operator on the tensors of ``src`` (a layer or its group's matmul)."""
+        return torch.ops.codecllm.int8_linear(x, src.qweight, src.scale, src.bias)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """This layer alone, through the matmul prepared for its tensors."""

@@ -1,0 +1,387 @@
+"""The fused int4 weight-only matmul of the ``int4`` scheme: ``y = x @ W.T + bias`` with
+``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``, ``g = k // GS``, read straight from the packed codes
+(two per byte, the even column in the low nibble) and the per-group fp16 scales and zero points.
+
+One row (a decode step): ``_int4_gemv_kernel``. No tensor cores; each program reduces a
+[BLOCK_N, BLOCK_K] tile per step. A nibble becomes a float without a conversion instruction: OR-ing it
+into the mantissa of 2^23 gives ``2^23 + q`` (``2^23 + 16 q`` for the high nibble, left in place, whose
+activation is pre-divided by 16), and one subtraction leaves ``q`` exactly. Per group, the dot product
+of the codes with the activations is taken first; scale and zero point are applied once per group:
+``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
+
+More rows: ``_int4_mm_kernel``, a tensor-core GEMM that widens each [BLOCK_K, BLOCK_N] tile of codes to
+the activation dtype in registers (one group per K step: ``BLOCK_K`` divides the group size), as two
+half-depth products, the even columns against the low nibbles and the odd ones against the high.
+
+K may be split over programs for small M, with the int8 kernels' deterministic reduction (partials in a
+scratch buffer, added in split order by the last program of a tile): results never depend on timing. For
+large M, the GEMM is timed against dequantizing into a workspace for cuBLAS, as for int8.
+
+Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import int8_triton as common
+from .int8_triton import LARGE_M, SMALL_M, SPLIT_MAX_N, _bucket, _compiled, _grid, _path, _scratch, _scratch_at, _scratch_for
+
+_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as float32
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, N, K, G, stride_xk, stride_wn,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCK_K // 2  # bytes of a row per step
+    GPB: tl.constexpr = BLOCK_K // GS  # groups per step
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF)
+    rg = tl.arange(0, GPB)
+    row_ok = rn < N
+    half_k = K // 2
+    acc = tl.zeros((BLOCK_N, GPB), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        j = kb * HALF + rj
+        j_ok = j < half_k
+        xe = tl.load(x_ptr + (2 * j) * stride_xk, mask=j_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + (2 * j + 1) * stride_xk, mask=j_ok, other=0.0).to(tl.float32)
+        b = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0).to(tl.int32)
+        lo = ((b & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # q
+        hi = ((b & 0xF0) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # 16 q
+        p = lo * xe[None, :] + hi * (xo * 0.0625)[None, :]
+        dots = tl.sum(tl.reshape(p, (BLOCK_N, GPB, GS // 2)), axis=2)
+        xsum = tl.sum(tl.reshape(xe + xo, (GPB, GS // 2)), axis=1)
+        g = kb * GPB + rg
+        gmask = row_ok[:, None] & (g < G)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        acc += s * (dots - z * xsum[None, :])
+    row = tl.sum(acc, axis=1)
+    if SPLIT_K > 1:
+        parts = part_ptr + pid * (SPLIT_K * BLOCK_N)
+        tl.store(parts + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), row)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # last of this tile's programs: add the partials in split order
+            row = tl.load(parts + tl.arange(0, BLOCK_N), cache_modifier=".cg")
+            for sp in range(1, SPLIT_K):
+                row += tl.load(parts + sp * BLOCK_N + tl.arange(0, BLOCK_N), cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            _store_row(row, rn, N, b_ptr, y_ptr, HAS_BIAS)
+    else:
+        _store_row(row, rn, N, b_ptr, y_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(row, rn, N, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        row += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, row.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _int4_mm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, G, M_BUCKET, stride_xm, stride_xk, stride_wn, stride_ym, stride_yn,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF)
+    half_k = K // 2
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        j = kb * HALF + rj
+        j_ok = j < half_k
+        xmask = m_ok[:, None] & j_ok[None, :]
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j)[None, :] * stride_xk, mask=xmask, other=0.0)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j + 1)[None, :] * stride_xk, mask=xmask, other=0.0)
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + j[:, None], mask=n_ok[None, :] & j_ok[:, None], other=0)
+        g = (kb * BLOCK_K) // GS
+        s = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+        we = (((b & 0xF).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
+        wo = (((b >> 4).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
+        if IEEE:
+            acc += tl.dot(xe, we, input_precision="ieee")
+            acc += tl.dot(xo, wo, input_precision="ieee")
+        else:
+            acc += tl.dot(xe, we)
+            acc += tl.dot(xo, wo)
+    if SPLIT_K == 1:
+        _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        parts = part_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(parts + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(parts + tile, cache_modifier=".cg")
+            for sp in range(1, SPLIT_K):
+                acc += tl.load(parts + sp * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
+            _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, G, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``o[n, k] = (q[n, k] - zero[n, k // GS]) * scale[n, k // GS]`` (float32, rounded once to ``o``'s dtype)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    mask = (rn[:, None] < N) & (j[None, :] < K // 2)
+    b = tl.load(w_ptr + rn[:, None] * (K // 2) + j[None, :], mask=mask, other=0)
+    g = (2 * j) // GS
+    s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    even = (((b & 0xF).to(tl.float32) - z) * s).to(o_ptr.dtype.element_ty)
+    odd = (((b >> 4).to(tl.float32) - z) * s).to(o_ptr.dtype.element_ty)
+    o = o_ptr + rn[:, None] * K + 2 * j[None, :]
+    tl.store(o, even, mask=mask)
+    tl.store(o + 1, odd, mask=mask)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    cfgs = []
+    for bn, bk, w, st in ((2, 2048, 4, 1), (4, 1024, 4, 2), (4, 2048, 8, 1), (8, 1024, 4, 2), (8, 512, 4, 3), (16, 512, 4, 2),
+                          (16, 256, 4, 3), (32, 256, 4, 2), (16, 1024, 8, 2)):
+        for split in (1, 2, 4, 8):
+            cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=st))
+    return cfgs
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    n, k, gs = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0
+            and (c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]))]
+    return keep or [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0][:1]
+
+
+def _mm_configs() -> list[triton.Config]:
+    cfgs = []
+    for bn, bk, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 32, 4, 4)):
+        for split in (1, 2, 4):
+            cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split}, num_warps=w, num_stages=s))
+    for bm, bn, bk, w, s in ((32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                             (128, 256, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    m, n, k, gs = named_args["M"], named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
+    ok = [c for c in configs if gs % c.kwargs["BLOCK_K"] == 0]
+    if m <= SMALL_M:
+        keep = [c for c in ok if c.kwargs["BLOCK_M"] == SMALL_M]
+    elif m <= 64:
+        keep = [c for c in ok if c.kwargs["BLOCK_M"] in (32, 64)]
+    else:
+        keep = [c for c in ok if c.kwargs["BLOCK_M"] >= 64]
+    keep = [c for c in keep if common._split_fits(c, named_args["M_BUCKET"], n, k)]
+    return keep or [c for c in ok if c.kwargs["SPLIT_K"] == 1]
+
+
+_tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_gemv})(_int4_gemv_kernel)
+_tuned_mm = triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_mm})(_int4_mm_kernel)
+_GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+_MM_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
+# the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
+INTERPRET_GEMV = {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 1}
+
+
+def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, k: int | None = None) -> tuple[int, int, int]:
+    """(N, K, groups) of packed int4 parts the kernels can take, else ValueError: contiguous, ``K`` a
+    multiple of 2 and the parts' shapes agreeing."""
+    n, half = qweight.shape
+    kk = 2 * half
+    groups = -(-kk // group_size)
+    if k is not None and k != kk:
+        raise ValueError(f"input has {k} features, the weight {kk}")
+    if qweight.dtype != torch.uint8 or tuple(scale.shape) != (n, groups) or tuple(zero.shape) != (n, groups):
+        raise ValueError(f"int4 parts disagree: codes {tuple(qweight.shape)} {qweight.dtype}, scale {tuple(scale.shape)}, "
+                         f"zero {tuple(zero.shape)}, group size {group_size}")
+    if not (qweight.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
+        raise ValueError("the int4 kernels take contiguous codes, scales and zero points")
+    return n, kk, groups
+
+
+def dequantize_into(qweight, scale, zero, group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = W`` for packed ``[N, K / 2]`` codes (``out`` contiguous ``[N, K]``)."""
+    n, k, g = check(qweight, scale, zero, group_size)
+    _int4_dequant_kernel[(triton.cdiv(n, 8), triton.cdiv(k, 1024))](qweight, scale, zero, out, n, k, g, GS=group_size,
+                                                                  BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    return out
+
+
+def _cublas_linear(x2, qweight, scale, zero, group_size, bias, y) -> None:
+    """``y = x2 @ W.T + bias`` through cuBLAS on blocks of dequantized rows."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    rows = max(16, min(n, common.DEQUANT_BLOCK_BYTES // (k * x2.element_size())) // 16 * 16)
+    w = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wb = dequantize_into(qweight[n0:n1], scale[n0:n1], zero[n0:n1], group_size, w[:n1 - n0])
+        out = y if n1 - n0 == n else y[:, n0:n1]
+        if bias is None:
+            torch.mm(x2, wb.t(), out=out)
+        else:
+            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wb.t(), out=out)
+
+
+class Int4Matmul:
+    """``int4_linear`` with the parts and bias fixed when it is made, as a layer's are: one row through
+    the GEMV kernel, more through the GEMM (or, for large M where it measured faster, cuBLAS on
+    dequantized blocks). After the first call of a layout, kernels launch through prepared launchers
+    (``int8_triton._Launcher``), with little host time."""
+
+    def __init__(self, qweight, scale, zero, group_size: int, bias: torch.Tensor | None = None):
+        self.n, self.k, self.groups = check(qweight, scale, zero, group_size)
+        if bias is not None and not bias.is_contiguous():
+            raise ValueError("Int4Matmul needs a contiguous bias")
+        self.qweight, self.scale, self.zero, self.bias, self.group_size = qweight, scale, zero, bias, group_size
+        self.device, self.index = qweight.device, qweight.device.index
+        self.has_bias = bias is not None
+        b = bias if bias is not None else scale  # not read without a bias; any valid pointer
+        self.tail = (qweight.data_ptr(), scale.data_ptr(), zero.data_ptr(), b.data_ptr())
+        self.aligned = tuple(p % 16 == 0 for p in self.tail)
+        self.launchers: dict[tuple, object] = {}  # (M bucket, x dtype, x strides, x aligned) -> launcher or "cublas"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"input has {x.shape[-1]} features, the weight {self.k}")
+        x2 = x.reshape(-1, self.k)
+        m = x2.shape[0]
+        y = torch.empty((m, self.n), dtype=x.dtype, device=self.device)
+        if m:
+            self._run(x2, y)
+        return y.reshape(*x.shape[:-1], self.n)
+
+    def _run(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        m, n = x2.shape[0], self.n
+        gemv = m == 1
+        bucket = 1 if gemv else _bucket(m)
+        if common._INTERPRET:
+            scratch = _scratch_for(self.device)
+            cfg = INTERPRET_GEMV if gemv else INTERPRET_CONFIG
+            (_int4_gemv_kernel if gemv else _int4_mm_kernel)[_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
+            return
+        lkey = (bucket, x2.dtype, x2.stride(), x2.data_ptr() % 16 == 0)
+        launch = self.launchers.get(lkey)
+        if launch == "cublas":
+            _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)
+            return
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        args = self._args(x2, y, scratch, bucket, True)
+        tensors = lambda: self._args(x2, y, scratch, bucket, False)  # noqa: E731
+        if launch is None:
+            self._first(x2, y, lkey, args, tensors, stream)
+        else:
+            launch(launch.grid(m, n), stream, args, tensors)
+
+    def _args(self, x2, y, scratch, bucket: int, ptrs: bool) -> tuple:
+        """The kernel's arguments in signature order, up to its configuration's constants; tensors as
+        pointers (``ptrs``, for a prepared launcher) or as tensors."""
+        b = self.bias if self.has_bias else self.scale  # not read without a bias; any valid pointer
+        tensors = (x2, self.qweight, self.scale, self.zero, b, y, scratch.parts, scratch.counts)
+        head = (x2.data_ptr(), *self.tail, y.data_ptr(), *scratch.ptrs) if ptrs else tensors
+        m, n, k, g = x2.shape[0], self.n, self.k, self.groups
+        if m == 1:
+            return (*head, n, k, g, x2.stride(1), k // 2, self.group_size, self.has_bias)
+        return (*head, m, n, k, g, bucket, x2.stride(0), x2.stride(1), k // 2, y.stride(0), y.stride(1), self.group_size, self.has_bias,
+                x2.dtype == torch.float32)
+
+    def _first(self, x2, y, lkey, args, tensors, stream) -> None:
+        """Tune (or find) the kernel for this layout, computing ``y`` on the way; for large M, time it
+        against cuBLAS on dequantized blocks and keep the faster for this shape."""
+        m, n = x2.shape[0], self.n
+        gemv = m == 1
+        key = ("int4", lkey, self.groups, self.group_size, n, self.k, self.scale.dtype, self.bias.dtype if self.has_bias else None,
+               self.aligned, self.index)
+        t = tensors()
+        if gemv:
+            kernel, tuned, names, nflags = _int4_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, 2
+            flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias}
+        else:
+            kernel, tuned, names, nflags = _int4_mm_kernel, _tuned_mm, _MM_CONSTS, 3
+            flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias, "IEEE": x2.dtype == torch.float32}
+        done = key not in _compiled  # a first call tunes the kernel, which computes y on the way
+        launch = common._tuned_launcher(kernel, tuned, names, key, list(t[:-nflags]), flags, m, n,
+                                        f"int4 {'gemv' if gemv else 'mm'} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
+        run = lambda: launch(launch.grid(m, n), stream, args, tensors)  # noqa: E731
+        cublas = lambda: _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)  # noqa: E731
+        path = "triton"
+        if m >= LARGE_M:
+            pkey = ("int4", lkey[0], n, self.k, self.group_size, x2.dtype, self.index)
+            path = _path.get(pkey)
+            if path is None:
+                if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: chosen at a later call
+                    if not done:
+                        run()
+                    return
+                path, done = common._choose(pkey, run, cublas, x2.device), False
+        self.launchers[lkey] = "cublas" if path == "cublas" else launch
+        if path == "cublas":
+            cublas()
+        elif not done:
+            run()
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[..., K] @ W.T + bias[N]`` in ``x``'s dtype, ``W`` the int4 weight of packed ``qweight``
+    ``[N, K / 2]`` and per-group ``scale`` and ``zero`` ``[N, ceil(K / group_size)]``."""
+    check(qweight, scale, zero, group_size, x.shape[-1])
+    return Int4Matmul(qweight, scale, zero, group_size, bias if bias is None else bias.contiguous())(x)
+
+
+@torch.library.custom_op("codecllm::int4_linear", mutates_args=())
+def int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``int4_linear`` as an operator ``torch.compile`` traces as one node (its fake implementation
+    gives the output's shape and dtype)."""
+    return int4_linear(x, qweight, scale, zero, group_size, bias)
+
+
+@int4_linear_op.register_fake
+def _(x, qweight, scale, zero, group_size, bias):
+    if x.shape[-1] != 2 * qweight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {2 * qweight.shape[1]}")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
