@@ -24,6 +24,7 @@ def parts_and_reference(n, k, gs, seed):
 CASES = [  # M, N, K, group size, dtype, bias, K split
     (1, 12, 256, 64, torch.float32, True, 1), (1, 10, 100, 32, torch.float32, False, 1), (1, 7, 384, 128, torch.float16, False, 1),
     (1, 9, 640, 64, torch.float32, True, 3),  # split over programs, one of them empty
+    (1, 6, 320, 32, torch.float32, True, 1), (1, 5, 576, 64, torch.float16, False, 2),
     (3, 20, 192, 64, torch.float16, True, 1), (5, 33, 130, 32, torch.float32, False, 1), (17, 18, 160, 32, torch.float32, True, 1),
     (16, 24, 512, 64, torch.float32, False, 4),
 ]
@@ -32,8 +33,8 @@ CASES = [  # M, N, K, group size, dtype, bias, K split
 @interpreted
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{str(c[4])[6:]}-{'bias' if c[5] else 'nobias'}-split{c[6]}")
 def test_int4_matmul(case, monkeypatch):
-    """The GEMV (one row) and the GEMM (more) against the scheme's own dequantization, K not a multiple of
-    the group size among them; the split-K counters are left at zero."""
+    """The GEMV (one row) and the GEMM (more) against the scheme's own dequantization, K not
+    a multiple of the group size among them; the split-K counters are left at zero."""
     m, n, k, gs, dtype, bias, split = case
     monkeypatch.setitem(int4_triton.INTERPRET_GEMV, "SPLIT_K", split)
     monkeypatch.setitem(int4_triton.INTERPRET_CONFIG, "SPLIT_K", split)
@@ -58,3 +59,11 @@ def test_int4_matmul_checks_its_parts():
         Int4Matmul(q, s, z, 64)
     with pytest.raises(ValueError, match="contiguous"):
         Int4Matmul(q, s.t().contiguous().t(), z, 32)
+
+
+@interpreted
+def test_int4_dequantize_into():
+    parts, w = parts_and_reference(6, 200, 64, 1)
+    out = torch.empty(6, 200)
+    int4_triton.dequantize_into(parts["qweight"], parts["scale"], parts["zero"], 64, out)
+    assert torch.equal(out, w.float())

@@ -9,9 +9,11 @@ activation is pre-divided by 16), and one subtraction leaves ``q`` exactly. Per 
 of the codes with the activations is taken first; scale and zero point are applied once per group:
 ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
-More rows: ``_int4_mm_kernel``, a tensor-core GEMM that widens each [BLOCK_K, BLOCK_N] tile of codes to
-the activation dtype in registers (one group per K step: ``BLOCK_K`` divides the group size), as two
-half-depth products, the even columns against the low nibbles and the odd ones against the high.
+More rows: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
+activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
+even columns against the low nibbles, the odd ones against the high. One group per K step (``BLOCK_K``
+divides the group size), so scale and zero point apply to the step's product on the accumulator:
+``acc += scale * (x @ q - zero * sum(x))``.
 
 K may be split over programs for small M, with the int8 kernels' deterministic reduction (partials in a
 scratch buffer, added in split order by the last program of a tile): results never depend on timing. For
@@ -59,12 +61,12 @@ def _int4_gemv_kernel(
         lo = ((b & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # q
         hi = ((b & 0xF0) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # 16 q
         p = lo * xe[None, :] + hi * (xo * 0.0625)[None, :]
-        dots = tl.sum(tl.reshape(p, (BLOCK_N, GPB, GS // 2)), axis=2)
         xsum = tl.sum(tl.reshape(xe + xo, (GPB, GS // 2)), axis=1)
         g = kb * GPB + rg
         gmask = row_ok[:, None] & (g < G)[None, :]
         s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        dots = tl.sum(tl.reshape(p, (BLOCK_N, GPB, GS // 2)), axis=2)
         acc += s * (dots - z * xsum[None, :])
     row = tl.sum(acc, axis=1)
     if SPLIT_K > 1:
@@ -127,14 +129,15 @@ def _int4_mm_kernel(
         g = (kb * BLOCK_K) // GS
         s = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
-        we = (((b & 0xF).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
-        wo = (((b >> 4).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
+        we, wo = _codes(b, xe.dtype)
         if IEEE:
-            acc += tl.dot(xe, we, input_precision="ieee")
-            acc += tl.dot(xo, wo, input_precision="ieee")
+            part = tl.dot(xe, we, input_precision="ieee")
+            part = tl.dot(xo, wo, part, input_precision="ieee")
         else:
-            acc += tl.dot(xe, we)
-            acc += tl.dot(xo, wo)
+            part = tl.dot(xe, we)
+            part = tl.dot(xo, wo, part)
+        xsum = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)
+        acc += part * s[None, :] - xsum[:, None] * (s * z)[None, :]
     if SPLIT_K == 1:
         _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
     else:
@@ -149,6 +152,26 @@ def _int4_mm_kernel(
                 acc += tl.load(parts + sp * (BLOCK_M * BLOCK_N) + tile, cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
             _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _codes(b, dtype: tl.constexpr):
+    """The low and high nibbles of a uint8 tile as exact integers in ``dtype``, without a conversion
+    instruction: OR-ed into the mantissa of a power of two whose unit in the last place is 1, which is
+    then subtracted (1024 in float16, 128 in bfloat16, 2^23 in float32)."""
+    if dtype == tl.float16:
+        bi = b.to(tl.int16)
+        lo = ((bi & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = ((bi >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif dtype == tl.bfloat16:
+        bi = b.to(tl.int16)
+        lo = ((bi & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        hi = ((bi >> 4) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        bi = b.to(tl.int32)
+        lo = ((bi & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+        hi = ((bi >> 4) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+    return lo.to(dtype), hi.to(dtype)
 
 
 @triton.jit
@@ -170,17 +193,16 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, G, GS: tl.constexpr, 
     g = (2 * j) // GS
     s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    even = (((b & 0xF).to(tl.float32) - z) * s).to(o_ptr.dtype.element_ty)
-    odd = (((b >> 4).to(tl.float32) - z) * s).to(o_ptr.dtype.element_ty)
-    o = o_ptr + rn[:, None] * K + 2 * j[None, :]
-    tl.store(o, even, mask=mask)
-    tl.store(o + 1, odd, mask=mask)
+    even = ((b & 0xF).to(tl.float32) - z) * s
+    odd = ((b >> 4).to(tl.float32) - z) * s
+    w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # interleaved back: column 2j, then 2j + 1
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + rn[:, None] * K + rk[None, :], w.to(o_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
 def _gemv_configs() -> list[triton.Config]:
     cfgs = []
-    for bn, bk, w, st in ((2, 2048, 4, 1), (4, 1024, 4, 2), (4, 2048, 8, 1), (8, 1024, 4, 2), (8, 512, 4, 3), (16, 512, 4, 2),
-                          (16, 256, 4, 3), (32, 256, 4, 2), (16, 1024, 8, 2)):
+    for bn, bk, w, st in ((4, 1024, 4, 2), (8, 1024, 4, 2), (16, 512, 4, 2), (16, 256, 4, 3), (32, 256, 4, 2), (16, 1024, 8, 2)):
         for split in (1, 2, 4, 8):
             cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=st))
     return cfgs
@@ -195,7 +217,7 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 def _mm_configs() -> list[triton.Config]:
     cfgs = []
-    for bn, bk, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 32, 4, 4)):
+    for bn, bk, w, s in ((32, 64, 4, 4), (64, 64, 4, 6), (64, 128, 4, 3), (128, 64, 4, 5), (256, 64, 8, 4), (32, 128, 4, 4), (64, 32, 4, 4)):
         for split in (1, 2, 4):
             cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split}, num_warps=w, num_stages=s))
     for bm, bn, bk, w, s in ((32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
