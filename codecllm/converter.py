@@ -25,6 +25,7 @@ from .codecs import DEFAULT_CHUNK_SIZE, default_codec_id, get_codec
 from .dtypes import dtype_name
 from .errors import CodecLLMError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
+from .importance import estimate, trace
 from .output import AtomicOutput
 from .schemes import Scheme, default_scheme_id, get_scheme, parse_scheme
 from .source import Checkpoint
@@ -158,8 +159,9 @@ def _encode_part(rec_name: str, part_name: str, tensor_name: str, t: torch.Tenso
     return part, stored, _entropy_bytes(raw)
 
 
-def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme, coding: _Coding, writer: _DataWriter) -> tuple[Record, TensorSummary]:
-    parts = scheme.quantize(w)
+def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme, coding: _Coding, writer: _DataWriter,
+                   importance: torch.Tensor | None = None) -> tuple[Record, TensorSummary]:
+    parts = scheme.quantize(w, importance)
     layout = scheme.layout(dtype_name(w.dtype), tuple(w.shape))
     rec = Record(name, dtype_name(w.dtype), tuple(w.shape), scheme, {})
     out = entropy = 0.0
@@ -249,6 +251,9 @@ def convert(
     summary.warnings = [f"--skip {pat!r} matches no module" for pat in skip if not model_plan.matches(pat)]
     summary.warnings += [f"--quant-override {pat!r} matches no module" for pat, _ in overrides if not model_plan.matches(pat)]
     summary.warnings += [f"ignored checkpoint tensor {n!r}: the model has no such parameter or buffer" for n in summary.ignored]
+    # per input channel, how much each weight's error costs (codecllm.importance): only where a scheme uses it
+    weighs = scheme.weighs_inputs or any(s.weighs_inputs for _, s in override_schemes)
+    importance = estimate(trace(ckpt.config), ckpt.read) if weighs else {}
 
     with AtomicOutput(out, force) as output:
         with output.temp("data") as data_file:
@@ -267,7 +272,8 @@ def convert(
                     continue
                 w = ckpt.read(name)
                 chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all, override_schemes) or lossless
-                rec, ts = _encode_record(w, name, name, chosen, coding, writer)
+                imp = next((importance[n] for n in group if n in importance), None)
+                rec, ts = _encode_record(w, name, name, chosen, coding, writer, imp)
                 tensors[name] = rec
                 summary.tensors.append(ts)
                 del w

@@ -302,7 +302,7 @@ def test_toy_scheme_end_to_end(tiny_llama, tmp_path):
         def applies_to(self, module, param, shape, float_tensor):
             return isinstance(module, nn.Linear) and param == "weight" and len(shape) == 2
 
-        def quantize(self, w):
+        def quantize(self, w, importance=None):
             w = w.float()
             lo, hi = w.amin(1), w.amax(1)
             scale = ((hi - lo) / 255).clamp_min(1e-8)

@@ -147,8 +147,9 @@ def test_quant_overrides(tiny_llama, tmp_path):
 @pytest.mark.parametrize("k", [128, 100], ids=["K128", "K100"])
 def test_int8_groups(k):
     """``int8`` with a group size: one fp16 scale per group along K (the last one shorter where K is not a
-    multiple), max|w| / 127 rounded to fp16; closer than per-row scales on weights whose rows mix scales;
-    no CUDA stand-in (the CUDA kernels take one scale per row: the loader keeps such weights dense)."""
+    multiple), no farther in any group than max|w| / 127 rounded to fp16 (the first clipping factor);
+    closer than per-row scales on weights whose rows mix scales; no CUDA stand-in (the CUDA kernels take
+    one scale per row: the loader keeps such weights dense)."""
     torch.manual_seed(k)
     w = torch.randn(6, k) * 0.02
     w[:, :32] *= 10  # one loud group per row
@@ -158,10 +159,12 @@ def test_int8_groups(k):
     assert parts["scale"].dtype == torch.float16 and tuple(parts["scale"].shape) == (6, -(-k // 32))
     assert {n: tuple(p.shape) for n, p in parts.items()} == {n: p.shape for n, p in s.layout("F16", (6, k)).items()}
     g = torch.arange(k) // 32
-    expect_scale = torch.stack([w[:, g == i].abs().amax(1) for i in range(g.max() + 1)], 1) / 127
-    assert torch.equal(parts["scale"], expect_scale.half())
+    absmax = (torch.stack([w[:, g == i].abs().amax(1) for i in range(g.max() + 1)], 1) / 127).half().float()[:, g]
+    plain = torch.round(w / absmax).clamp(-127, 127) * absmax
     d = s.dequantize(parts, torch.float32)
     assert torch.equal(d, parts["qweight"].float() * parts["scale"].float()[:, g])
+    per_group = lambda x: torch.zeros(6, g.max() + 1).index_add_(1, g, (x - w) ** 2)  # noqa: E731
+    assert (per_group(d) <= per_group(plain)).all() and per_group(d).sum() < per_group(plain).sum()
     per_row = get_scheme("int8")
     assert ((d - w) ** 2).sum() < 0.5 * ((per_row.dequantize(per_row.quantize(w), torch.float32) - w) ** 2).sum()
     ids = torch.tensor([[1, 4], [5, 0]])
@@ -170,6 +173,28 @@ def test_int8_groups(k):
     assert per_row.stand_in(nn.Linear(k, 6), "cuda") is not None
     with pytest.raises(CodecLLMError, match="int8 group_size must be one of 32, 64, 128"):
         get_scheme("int8", {"group_size": 16})
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8:g64"])
+def test_importance_weighs_the_error(spec):
+    """With a per-column importance, the error weighted by it is smaller than without (a few loud columns,
+    as transformer inputs have), the plain error a little larger; None is plain squared error."""
+    from codecllm.schemes import parse_scheme
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
+    imp = torch.ones(256)
+    imp[::37] = 100.0
+    s = parse_scheme(spec)
+    assert s.weighs_inputs and not get_scheme("int8").weighs_inputs
+
+    def errors(importance):
+        d = s.dequantize(s.quantize(w, importance), torch.float32)
+        return float((imp * (d - w) ** 2).sum()), float(((d - w) ** 2).sum())
+
+    weighted, plain = errors(imp), errors(None)
+    assert weighted[0] < 0.9 * plain[0] and weighted[1] > plain[1], (weighted, plain)
+    assert all(torch.equal(a, b) for a, b in zip(s.quantize(w).values(), s.quantize(w, None).values()))
 
 
 def test_int8_groups_end_to_end(tiny_llama, tmp_path):

@@ -74,13 +74,14 @@ def test_dump_verify_real_file(smollm2):
     assert info["totals"]["tensors"] == len(CllmFile(smollm2[1]).doc.tensors) and info["verified"]
 
 
-# int4, groups of 64, every Linear and the tied embedding (the first and last blocks' MLP output projections
-# stay fp16, the converter's default): measured on the 2-core CPU machine, float32, 4096 tokens: file 73.1 MB
-# (0.272x of model.safetensors), converted in 7.0 s; perplexity 24.054 -> 35.538, mean KL 0.3592, top-1
-# 65.87%. Plain round-to-nearest on the same tensors (min/max, same group size): mean KL 0.3962, top-1 63.57%.
-# Floors: KL below RTN's, top-1 above it, the size the int4 issue asks for.
-INT4_MAX_MEAN_KL = 0.38
-INT4_MIN_TOP1 = 0.645
+# int4, groups of 64, every Linear and the tied embedding, with the converter's defaults (the first and last
+# blocks' MLP output projections stay fp16; the embedding and the v projections at groups of 32; errors
+# weighted by the data-free input importance): measured on the 2-core CPU machine, float32, 4096 tokens:
+# 4.41 bits per weight (0.280x of model.safetensors), converted in 7.1 s; perplexity 24.054 -> 27.498, mean
+# KL 0.1503, top-1 77.69%. Plain round-to-nearest with every weight at g64 (4.10 bits): mean KL 0.4124,
+# top-1 62.77%. Floors: KL 1.1x the measured figure, top-1 one point below, the size the int4 issue asks for.
+INT4_MAX_MEAN_KL = 0.166
+INT4_MIN_TOP1 = 0.766
 
 
 def test_int4_against_original(smollm2_src, original, tmp_path):
@@ -92,10 +93,11 @@ def test_int4_against_original(smollm2_src, original, tmp_path):
     assert c.mean_kl <= INT4_MAX_MEAN_KL and c.top1_agreement >= INT4_MIN_TOP1, c
 
 
-# int8 with one fp16 scale per 64 weights (Q8_0-like): measured KL 0.002140, top-1 97.49% (per row: 0.004570).
+# int8 with one fp16 scale per 64 weights (Q8_0-like, clipped and refitted, importance-weighted): measured KL
+# 0.001814, top-1 97.44% (per row: 0.004570; plain max|w| per group: 0.002140).
 def test_int8_groups_against_original(smollm2_src, original, tmp_path):
     out = tmp_path / "int8g64.cllm"
     codecllm.convert(smollm2_src, out, quant="int8", group_size=64)
     c = compare(codecllm.load(out), original[0])
     print(f"\nint8 g64: {c}")
-    assert c.mean_kl <= 0.0025 and c.top1_agreement >= 0.965, c
+    assert c.mean_kl <= 0.0020 and c.top1_agreement >= 0.965, c

@@ -36,6 +36,7 @@ class Scheme:
     id: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     default: ClassVar[bool] = False  # the converter's default scheme (exactly one registered scheme says so)
+    weighs_inputs: ClassVar[bool] = False  # whether quantize() uses an importance (the converter estimates one only then)
     main_part: ClassVar[str] = "data"
     # float module class -> {backend: stand-in class, or "module:Class" imported on first use}
     modules: ClassVar[dict[type, dict[str, Any]]] = {}
@@ -69,12 +70,19 @@ class Scheme:
         module's layout, such as a transposed weight)."""
         return self
 
+    def finer(self) -> "Scheme":
+        """The variant for the weights that deserve more precision than the rest (the token embedding and
+        the attention value projections: ``ModelPlan.finer``), or the scheme itself."""
+        return self
+
     # -- the layout and the math --
 
     def layout(self, dtype: str, shape: tuple[int, ...]) -> dict[str, PartSpec]:
         raise NotImplementedError
 
-    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The parts of ``w``. ``importance`` (``[in features]``, positive, or None) weighs the squared error
+        of each input channel, where the scheme has choices to make (``weighs_inputs``)."""
         raise NotImplementedError
 
     def dequantize(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -8,9 +8,11 @@ quantized over its own weights only.
 
 Quantization needs no data: per group, the min/max range is shrunk over a grid of clipping factors and
 the one with the least squared error kept, then scale and zero are refitted by least squares to the codes
-they give (twice, each kept only where it lowers the error). Deterministic. Stand-ins: Linear, Conv1D and
-Embedding on the CPU (dequantized per call, one layer at a time) and on CUDA (``.cuda``: the fused int4
-kernels of ``codecllm.kernels.int4_triton``).
+they give (twice, each kept only where it lowers the error). The squared error is weighted per input
+channel by the converter's data-free ``importance`` where it has one (``codecllm.importance``), plain
+otherwise. Deterministic. ``finer()`` is the same scheme at half the group size (down to 32). Stand-ins:
+Linear, Conv1D and Embedding on the CPU (dequantized per call, one layer at a time) and on CUDA
+(``.cuda``: the fused int4 kernels of ``codecllm.kernels.int4_triton``).
 """
 
 from __future__ import annotations
@@ -70,7 +72,12 @@ class Int4(Scheme):
 
     # -- the math --
 
-    def quantize(self, w):
+    weighs_inputs = True
+
+    def finer(self):
+        return Int4(self.group_size // 2, self.transpose) if self.group_size // 2 in GROUP_SIZES else self
+
+    def quantize(self, w, importance=None):
         if w.dim() != 2:
             raise ValueError(f"int4 quantizes 2-D weights, got shape {tuple(w.shape)}")
         if self.transpose:
@@ -85,7 +92,7 @@ class Int4(Scheme):
         zero = torch.empty((rows, groups), dtype=torch.float16)
         step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
         for r in range(0, rows, step):
-            q, s, z = _quantize_groups(w[r:r + step].to(torch.float32), gs)
+            q, s, z = _quantize_groups(w[r:r + step].to(torch.float32), gs, importance)
             codes[r:r + step], scale[r:r + step], zero[r:r + step] = q, s, z
         codes = codes[:, :cols]
         return {"qweight": codes[:, 0::2] | (codes[:, 1::2] << 4), "scale": scale, "zero": zero}
@@ -110,15 +117,16 @@ class Int4(Scheme):
         return k
 
 
-def _quantize_groups(w: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes ``[rows, groups * gs]`` (uint8), scales and zeros ``[rows, groups]`` (fp16) of float32 ``w``."""
+def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``[rows, groups * gs]`` (uint8), scales and zeros ``[rows, groups]`` (fp16) of float32 ``w``,
+    minimizing the squared error weighted per column by ``importance`` (``[cols]``, positive; None: 1)."""
     rows, cols = w.shape
     groups = -(-cols // gs)
     pad = groups * gs - cols
-    valid = torch.ones((1, groups * gs))
+    valid = torch.zeros((1, groups * gs))
+    valid[:, :cols] = 1 if importance is None else importance.to(torch.float32)
     if pad:  # the last group is shorter: padded with its own last weight (min/max unchanged), weighted 0
         w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
-        valid[:, cols:] = 0
     g = w.reshape(rows, groups, gs)
     om = valid.reshape(1, groups, gs)
     lo0, hi0 = g.amin(-1), g.amax(-1)

@@ -3,7 +3,9 @@
 ``scale[r] = max|w[r, :]| / 127`` (1 for an all-zero row), ``q = round_half_even(w / scale[r])``. Parts:
 ``qweight`` (I8, ``[out, in]``) and ``scale`` (F32, ``[out]``). With ``group_size`` (32, 64, 128), one fp16
 scale per group of that many weights along K instead (llama.cpp's Q8_0 with groups of 32): ``scale`` is F16
-``[out, ceil(in / group_size)]``; such weights compute dequantized per call on the CPU and are kept
+``[out, ceil(in / group_size)]``, chosen per group over a grid of clipping factors of max|w| / 127 and
+refitted twice by least squares, minimizing the squared error weighted by the converter's ``importance``
+where it has one (``codecllm.importance``); such weights compute dequantized per call on the CPU and are kept
 dequantized on CUDA, whose kernels take one scale per row. A weight stored as ``[in, out]`` (transformers'
 ``Conv1D``) is encoded transposed, with the parameter ``transpose``, so that its output channels are rows
 like a Linear's. Stand-ins: Linear, Conv1D and Embedding on the CPU (here) and on CUDA (``.cuda``).
@@ -24,6 +26,9 @@ from .. import PartSpec, Scheme, register, register_module
 
 QMAX = 127
 GROUP_SIZES = (32, 64, 128)
+CLIP_GRID = 16  # grouped: clipping factors tried per group, from 1.0 down to CLIP_MIN
+CLIP_MIN = 0.85
+REFITS = 2
 # rows quantized at a time, so that converting a large tensor needs one float32 block, not a float32 copy
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -46,6 +51,10 @@ class Int8(Scheme):
     def params(self):
         return {**({"transpose": True} if self.transpose else {}), **({"group_size": self.group_size} if self.group_size else {})}
 
+    @property
+    def weighs_inputs(self):  # per row, max|w| leaves no choice
+        return self.group_size is not None
+
     def stand_in(self, module, backend, exact=True):
         if self.group_size and backend.startswith("cuda"):  # the CUDA kernels take one scale per row
             return None
@@ -65,14 +74,14 @@ class Int8(Scheme):
             return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F16", (out_f, -(-in_f // self.group_size)))}
         return {"qweight": PartSpec("I8", (out_f, in_f)), "scale": PartSpec("F32", (out_f,))}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
         if w.dim() != 2:
             raise ValueError(f"int8 quantizes 2-D weights, got shape {tuple(w.shape)}")
         if self.transpose:
             w = w.t()
         rows, cols = w.shape
         if self.group_size:
-            return self._quantize_groups(w)
+            return self._quantize_groups(w, importance)
         q = torch.empty((rows, cols), dtype=torch.int8)
         scale = torch.empty(rows, dtype=torch.float32)
         step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
@@ -84,22 +93,38 @@ class Int8(Scheme):
             scale[r:r + step] = s
         return {"qweight": q, "scale": scale}
 
-    def _quantize_groups(self, w):
-        """One fp16 scale per group of ``group_size`` weights along K (as llama.cpp's Q8_0): the group's
-        max|w| / 127, rounded to fp16 before the codes are computed from it."""
+    def _quantize_groups(self, w, importance):
+        """One fp16 scale per group of ``group_size`` weights along K (as llama.cpp's Q8_0): of the
+        clipped ranges ``a * max|w| / 127`` and two least-squares refits, the one with the least squared
+        error (weighted by ``importance``), rounded to fp16 before the codes are computed from it."""
         rows, cols = w.shape
         gs = self.group_size
         groups = -(-cols // gs)
+        weight = torch.zeros(groups * gs)
+        weight[:cols] = 1 if importance is None else importance.to(torch.float32)  # padding weighs nothing
+        weight = weight.reshape(1, groups, gs)
         q = torch.empty((rows, cols), dtype=torch.int8)
         scale = torch.empty((rows, groups), dtype=torch.float16)
         step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
         for r in range(0, rows, step):
             block = w[r:r + step].to(torch.float32)
-            padded = torch.nn.functional.pad(block, (0, groups * gs - cols)).reshape(block.shape[0], groups, gs)
-            s = (padded.abs().amax(dim=2) / QMAX).half().float()
-            best_s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: codes 0 with any scale
-            q[r:r + step] = torch.round(padded / best_s[..., None]).clamp_(-QMAX, QMAX).reshape(block.shape[0], -1)[:, :cols].to(torch.int8)
-            scale[r:r + step] = best_s.half()
+            g = F.pad(block, (0, groups * gs - cols)).reshape(block.shape[0], groups, gs)
+
+            def assign(s):
+                s = s.half().float()
+                s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: codes 0 with any scale
+                c = torch.round(g / s[..., None]).clamp_(-QMAX, QMAX)
+                return c, s, (weight * (g - c * s[..., None]) ** 2).sum(-1)
+
+            amax = g.abs().amax(dim=2) / QMAX
+            best = None
+            for a in torch.linspace(1.0, CLIP_MIN, CLIP_GRID).tolist():
+                best = _keep_better(best, assign(amax * a))
+            for _ in range(REFITS):  # least squares of w ~ s * q over each group, given its codes
+                c = best[0]
+                best = _keep_better(best, assign((weight * g * c).sum(-1) / (weight * c * c).sum(-1).clamp_min(1e-30)))
+            q[r:r + step] = best[0].reshape(block.shape[0], -1)[:, :cols].to(torch.int8)
+            scale[r:r + step] = best[1].half()
         return {"qweight": q, "scale": scale}
 
     def dequantize(self, parts, dtype):
@@ -122,6 +147,14 @@ class Int8(Scheme):
             return super().embedding(parts, ids, dtype)
         rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
         return (rows * parts["scale"][ids].unsqueeze(-1)).to(dtype)
+
+
+def _keep_better(best, cand):
+    """Per group, the (codes, scale, error) with the smaller error."""
+    if best is None:
+        return cand
+    m = cand[2] < best[2]
+    return torch.where(m[..., None], cand[0], best[0]), torch.where(m, cand[1], best[1]), torch.where(m, cand[2], best[2])
 
 
 class Int8Linear(QLinear):

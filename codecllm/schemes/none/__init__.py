@@ -19,7 +19,7 @@ class NoneScheme(Scheme):
     def layout(self, dtype, shape):
         return {"data": PartSpec(dtype, tuple(shape))}
 
-    def quantize(self, w):
+    def quantize(self, w, importance=None):
         return {"data": w.contiguous()}
 
     def dequantize(self, parts, dtype):
