@@ -6,6 +6,7 @@ keeps a burst of load from landing on one variant only), and the table gives the
 ms/token is the whole ``generate()`` call (prefill of the short prompt included) over the new tokens.
 
     python scripts/bench_cpu.py --threads 2 --out benchmarks/results/cpu_smollm2.json
+    python scripts/bench_cpu.py --quant int4:g64 --modes resident --out benchmarks/results/cpu_smollm2_int4.json
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import codecllm
 from codecllm.examples import smollm2_checkpoint
+from codecllm.schemes import parse_scheme
 
 PROMPT = "The capital of France is"
 
@@ -39,15 +41,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["resident", "stream"])
+    ap.add_argument("--quant", default="int8", help="the scheme, as codecllm-convert spells it (int8, int4:g64)")
     ap.add_argument("--out", default="benchmarks/results/cpu_smollm2.json")
     args = ap.parse_args()
+    scheme = parse_scheme(args.quant)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     src = smollm2_checkpoint()
     with tempfile.TemporaryDirectory(prefix="codecllm-bench-") as tmp:
         path = Path(tmp, "smollm2.cllm")
-        codecllm.convert(src, path)
+        codecllm.convert(src, path, quant=scheme.id, group_size=scheme.params.get("group_size"))
         tokenizer = codecllm.load_tokenizer(path)
         models = {"transformers fp32": AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()}
         for mode in args.modes:
@@ -78,7 +82,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(model="SmolLM2-135M-Instruct", prompt=PROMPT, new_tokens=args.new_tokens,
-                                   threads=args.threads, rounds=args.rounds, torch=torch.__version__,
+                                   quant=args.quant, threads=args.threads, rounds=args.rounds, torch=torch.__version__,
                                    codecllm=codecllm.__version__, rows=rows), indent=1) + "\n")
 
 

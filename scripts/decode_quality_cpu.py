@@ -5,6 +5,9 @@ float32 path of ``codecllm.kernels.cpu``) and one token at a time with a KV cach
 at a time is the control (its KL to itself windowed is the noise of the two orders of summation).
 
     python scripts/decode_quality_cpu.py --tokens 512 --out benchmarks/results/decode_quality_cpu.json
+    python scripts/decode_quality_cpu.py --quant int4:g64 --out benchmarks/results/decode_quality_cpu_int4.json
+
+(``--quant int4:gN``: the same for int4, whose one-row path is ``_weight_int4pack_mm_for_cpu``.)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import codecllm
 from codecllm.examples import smollm2_checkpoint
 from codecllm.quality import compare, reference_logits
+from codecllm.schemes import parse_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +49,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default="int8", help="the scheme, as codecllm-convert spells it (int8, int4:g64)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decode_quality_cpu.json"))
     args = ap.parse_args()
+    scheme = parse_scheme(args.quant)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,18 +61,18 @@ def main() -> None:
     ids = AutoTokenizer.from_pretrained(src)(text, return_tensors="pt").input_ids[0][: args.tokens + 1]
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        codecllm.convert(src, Path(tmp, "m.cllm"))
-        int8 = codecllm.load(Path(tmp, "m.cllm"))
+        codecllm.convert(src, Path(tmp, "m.cllm"), quant=scheme.id, group_size=scheme.params.get("group_size"))
+        quantized = codecllm.load(Path(tmp, "m.cllm"))
         ref = reference_logits(original, ids, window=args.tokens)
         rows = {
             "original, one token at a time (control)": compare(OneTokenAtATime(original), ref),
-            "int8, whole window (fp32 path)": compare(int8, ref),
-            "int8, one token at a time (bf16 path)": compare(OneTokenAtATime(int8), ref),
+            f"{args.quant}, whole window (fp32 path)": compare(quantized, ref),
+            f"{args.quant}, one token at a time (bf16 path)": compare(OneTokenAtATime(quantized), ref),
         }
     print(f"SmolLM2-135M-Instruct, {args.tokens} tokens of tests/data/eval_text.txt, against the original in float32")
     for name, c in rows.items():
         print(f"{name:<42} mean KL {c.mean_kl:.6f}  p99 KL {c.p99_kl:.5f}  top-1 {100 * c.top1_agreement:6.2f}%  ppl {c.perplexity:.4f}")
-    Path(args.out).write_text(json.dumps({"machine": f"{platform.machine()} CPU, {args.threads} threads", "tokens": args.tokens,
+    Path(args.out).write_text(json.dumps({"machine": f"{platform.machine()} CPU, {args.threads} threads", "tokens": args.tokens, "quant": args.quant,
                                           "rows": {k: v.to_json() for k, v in rows.items()}}, indent=2) + "\n")
     print("wrote", args.out, file=sys.stderr)
 

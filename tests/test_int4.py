@@ -207,3 +207,28 @@ def test_int8_groups_end_to_end(tiny_llama, tmp_path):
     with torch.no_grad():
         a, b = codecllm.load(out)(ids).logits, codecllm.load(out, mode="stream")(ids).logits
         assert torch.equal(a, b) and sqnr_db(ref(ids).logits, a) > 35
+
+
+def test_cpu_kernel_path(tmp_path):
+    """Up to 32 rows, a weight the int4 kernel takes (N a multiple of 16, K of 32 and the group size) runs
+    there on codes packed once (bf16 activations: within 1% of the dequantized weight's product); more
+    rows, or a weight it does not take, compute with the dequantized weight exactly."""
+    from codecllm.schemes.int4 import Int4Linear
+
+    torch.manual_seed(0)
+    for (n, k, gs, fits) in [(48, 192, 64, True), (40, 192, 64, False), (48, 200, 32, False)]:
+        scheme = get_scheme("int4", {"group_size": gs})
+        parts = scheme.quantize(torch.randn(n, k))
+        layer = Int4Linear(scheme, parts, (n, k), torch.float32, torch.device("cpu"), n, k, nn.Parameter(torch.randn(n)))
+        w = scheme.dequantize(parts, torch.float64)
+        for m in (1, 32, 33):
+            x = torch.randn(m, k)
+            ref = x.double() @ w.T + layer.bias.double()
+            y = layer(x)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            if fits and m <= 32:
+                assert "_int4pack" in layer.__dict__
+                assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+            else:
+                assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+        assert ("_int4pack" in layer.__dict__) == fits

@@ -1,5 +1,5 @@
-"""CPU int8 weight-only linear: ``y = x @ (q * scale[:, None]).T + bias`` without a float copy of the weight
-for small batches.
+"""CPU int8 and int4 weight-only linear: ``y = x @ W.T + bias`` without a float copy of the weight for small
+batches.
 
 Measured on SmolLM2-135M shapes with 2 threads (``scripts/bench_cpu_kernels.py``): the only stock
 PyTorch route that reads the int8 weight directly and beats an fp32 ``F.linear`` on one-token inputs
@@ -13,6 +13,12 @@ accumulate in fp32, the unscaled row sums are rounded to bf16 once more, then mu
 scale. Relative error against a float64 reference of the same int8 weight: ~2.4e-3 (int8 rounding of
 the weight itself costs ~7e-3 on Gaussian weights). Deterministic run to run, and each output row
 does not depend on the other rows of the batch.
+
+int4 (``int4_linear``): ``aten._weight_int4pack_mm_for_cpu``, bf16 activations, on codes repacked once
+into its tiled layout (``int4_pack``) with its scale/offset pairs, ``w = (q - 8) * scale + offset``, in
+bf16: ours are ``w = (q - zero) * scale``, so ``offset = (8 - zero) * scale`` (rounding scale and offset to
+bf16 moves a weight by about 0.2% of its group's step size, well under int4's own rounding). It takes N a
+multiple of 16 and K of the group size and of 32; other weights are dequantized per call.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ SMALL_M = 32  # rows up to which the bf16 int8 kernel beats dequantize + fp32 GE
 K_MULTIPLE = 16  # _weight_int8pack_mm reads K in 16-wide vectors with no tail: other K crash or go wrong
 
 _int8pack_mm = torch.ops.aten._weight_int8pack_mm
+INT4_N_MULTIPLE, INT4_K_MULTIPLE = 16, 32
 
 
 @lru_cache(maxsize=None)
@@ -58,3 +65,30 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     else:
         y = F.linear(x2, torch.mul(qweight, scale[:, None]).to(x.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
+
+
+def int4_fits(n: int, k: int, group_size: int) -> bool:
+    """Whether an ``[n, k]`` int4 weight in groups of ``group_size`` can take the int4 kernel."""
+    return n % INT4_N_MULTIPLE == 0 and k % INT4_K_MULTIPLE == 0 and k % group_size == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def int4_pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's operands for packed codes ``qweight`` (uint8 ``[N, K / 2]``, the even column in the low
+    nibble) and fp16 ``scale``, ``zero`` ``[N, groups]``: its tiled codes and bf16 ``[groups, N, 2]``
+    (scale, offset) pairs."""
+    n = qweight.shape[0]
+    codes = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, -1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    s, z = scale.to(torch.float32), zero.to(torch.float32)
+    pairs = torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, pairs
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` on the CPU in ``x``'s dtype, ``W`` given by ``int4_pack``'s operands."""
+    k = x.shape[-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16).contiguous(), packed, group_size, pairs)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
