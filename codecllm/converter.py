@@ -253,7 +253,18 @@ def convert(
     summary.warnings += [f"ignored checkpoint tensor {n!r}: the model has no such parameter or buffer" for n in summary.ignored]
     # per input channel, how much each weight's error costs (codecllm.importance): only where a scheme uses it
     weighs = scheme.weighs_inputs or any(s.weighs_inputs for _, s in override_schemes)
-    importance = estimate(trace(ckpt.config), ckpt.read) if weighs else {}
+    importance = {}
+    if weighs:
+        def read_stored(name: str) -> torch.Tensor:  # a tied parameter under whichever name the checkpoint has
+            stored = next((n for n in model_plan.tied.get(name, (name,)) if n in ckpt.tensors), None)
+            if stored is None:
+                raise KeyError(name)
+            return ckpt.read(stored)
+
+        inputs = trace(ckpt.config)
+        if inputs.failure:
+            summary.warnings.append(f"the quantizer weighs every input channel alike: the model could not be traced ({inputs.failure})")
+        importance = estimate(inputs, read_stored)
 
     with AtomicOutput(out, force) as output:
         with output.temp("data") as data_file:

@@ -11,8 +11,9 @@ rest, and a quantizer blind to them spends its range on the wrong weights. Witho
   being what the norm multiplies channel ``j`` by (``weight`` for RMSNorm and LayerNorm, ``1 + weight``
   for Gemma's: found by running the norm itself);
 - an MLP's output projection, whose input is the product of the outputs of the projections before it in
-  the same module (SwiGLU's gate and up, or GPT-2's ``c_fc`` alone), gets the product of their output
-  second moments ``(W_p^2 @ x_p)_j``.
+  the same module (SwiGLU's gate and up, or GPT-2's ``c_fc`` alone: one or two normed producers, each
+  as wide as its input), gets the product of their output second moments ``(W_p^2 @ x_p)_j``. Attention's
+  output projection follows three producers (q, k, v) or one of another width (a fused q/k/v), never that.
 
 Which norm feeds which Linear is found by running the model once on the meta device and watching which
 tensor object each Linear receives, so nothing is tied to module names. Any other Linear (attention
@@ -44,6 +45,7 @@ class InputMap:
     products: dict[str, tuple[str, ...]] = field(default_factory=dict)  # weight -> the weights whose outputs multiply into its input
     norms: dict[str, nn.Module] = field(default_factory=dict)  # norm name -> its (meta) module
     transposed: set[str] = field(default_factory=set)  # weights stored [in, out] (Conv1D)
+    failure: str | None = None  # why the model could not be traced (then the map is empty)
 
 
 def _weight_io(module: nn.Module) -> tuple[int, int]:
@@ -53,13 +55,11 @@ def _weight_io(module: nn.Module) -> tuple[int, int]:
 
 def trace(config: dict[str, Any]) -> InputMap:
     """Run the config's model on the meta device over a few tokens and record, per Linear (or Conv1D),
-    whether its input is a norm's output (or a view of one). An empty map where that forward fails."""
+    whether its input is a norm's output (or a view of one). An empty map, with the reason in ``failure``,
+    where that forward fails (a model that needs real values or other inputs)."""
     model = empty_model(config).to("meta")
     inputs = InputMap()
-    emb = model.get_input_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
-    if isinstance(emb, nn.Embedding):
-        inputs.embedding = f"{names[id(emb)]}.weight"
     outputs: dict[int, str] = {}  # id of a norm's output -> the norm's name
     keep: list[torch.Tensor] = []  # those outputs stay alive, so their ids are not reused
     order: list[tuple[str, nn.Module, str | None]] = []  # Linears in the order they run: (name, module, norm)
@@ -81,10 +81,13 @@ def trace(config: dict[str, Any]) -> InputMap:
             hooks.append(module.register_forward_hook(norm_out))
             inputs.norms[name] = module
     try:
+        emb = model.get_input_embeddings()
+        if isinstance(emb, nn.Embedding):
+            inputs.embedding = f"{names[id(emb)]}.weight"
         with torch.no_grad():
             model(torch.zeros((1, 4), dtype=torch.long, device="meta"))
-    except Exception:  # a model whose forward needs real values: no importance, plain squared error
-        return InputMap()
+    except Exception as e:  # any failure of a model's own code: no importance, plain squared error, said
+        return InputMap(failure=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
     finally:
         for h in hooks:
             h.remove()
@@ -101,7 +104,7 @@ def trace(config: dict[str, Any]) -> InputMap:
             continue
         parent = name.rpartition(".")[0]
         before = [(n, m) for n, m, _ in order[:i] if n.rpartition(".")[0] == parent]
-        if before and all(f"{n}.weight" in inputs.normed and _weight_io(m)[0] == _weight_io(module)[1] for n, m in before):
+        if 0 < len(before) <= 2 and all(f"{n}.weight" in inputs.normed and _weight_io(m)[0] == _weight_io(module)[1] for n, m in before):
             inputs.products[weight] = tuple(f"{n}.weight" for n, _ in before)
     return inputs
 
@@ -127,14 +130,20 @@ def estimate(inputs: InputMap, read: Callable[[str], torch.Tensor]) -> dict[str,
     ``inputs`` knows the source of; ``read(name)`` gives a checkpoint tensor."""
     if inputs.embedding is None:
         return {}
-    r = read(inputs.embedding).float().pow(2).mean(0)
+    try:
+        r = read(inputs.embedding).float().pow(2).mean(0)
+    except KeyError:  # not in the checkpoint under any of its names
+        return {}
     gains = {n: _gain(inputs.norms[n], n, read, r.numel()) for n in set(inputs.normed.values())}
     moments = {w: gains[n].pow(2) * r for w, n in inputs.normed.items() if gains[n] is not None}
     for w, producers in inputs.products.items():
         if all(p in moments for p in producers):
             out = 1.0
-            for p in producers:
-                wp = read(p).float()
-                out = out * ((wp.t() if p in inputs.transposed else wp).pow(2) @ moments[p])
+            try:
+                for p in producers:
+                    wp = read(p).float()
+                    out = out * ((wp.t() if p in inputs.transposed else wp).pow(2) @ moments[p])
+            except KeyError:
+                continue
             moments[w] = out
     return {w: (m / m.mean()).clamp_min(FLOOR) for w, m in moments.items() if m.mean() > 0}

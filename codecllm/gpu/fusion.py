@@ -3,14 +3,17 @@
 In a decode step every matmul is short (a few microseconds) and costs nearly as much in launch and
 ramp-up as in reading weights. Attention's q/k/v projections read the same hidden state, and so do an
 MLP's gate and up projections. Which layers share an input is learned, not assumed from names: during a
-model's first forward every int8 layer notes the tensor it was called with, and runs of consecutive
+model's first forward every fusable (int8 or int4) layer notes the tensor it was called with, and runs of consecutive
 calls on the very same tensor (same object, unmodified) become groups of up to three.
 
 A group's weights must form one ``[sum of N, K]`` matrix. The GPU loader decodes weights in the model's
 parameter order, so the weights of one block's q/k/v (or gate/up) lie back to back in its arena and the
 group's matrix is a view of them; where each member owns its weight instead, they are moved into one
-tensor (memory stays the same). Scales and biases are moved into one tensor each, and every member's
-tensors become views of the group's. Otherwise the run is left unfused.
+tensor (memory stays the same). Scales (and int4's zero points) and biases are copied into one tensor
+each, and every member's tensors become views of the group's; the originals stay in the loader's arena of
+small parts, which the other layers' views keep alive: a group's small parts are held twice (int8: 4
+bytes per output row; int4 at group size 64: 1/16 byte per weight, about 7% over its codes on the
+grouped layers). Otherwise the run is left unfused.
 
 From then on, for one-token inputs the first layer of a group computes the whole group in one launch and
 keeps the other outputs for their layers, which return them when called with that same unmodified input;

@@ -256,9 +256,10 @@ def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_
     groups = -(-kk // group_size)
     if k is not None and k != kk:
         raise ValueError(f"input has {k} features, the weight {kk}")
-    if qweight.dtype != torch.uint8 or tuple(scale.shape) != (n, groups) or tuple(zero.shape) != (n, groups):
-        raise ValueError(f"int4 parts disagree: codes {tuple(qweight.shape)} {qweight.dtype}, scale {tuple(scale.shape)}, "
-                         f"zero {tuple(zero.shape)}, group size {group_size}")
+    if (qweight.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.float16
+            or tuple(scale.shape) != (n, groups) or tuple(zero.shape) != (n, groups)):
+        raise ValueError(f"int4 parts disagree: codes {tuple(qweight.shape)} {qweight.dtype}, scale {tuple(scale.shape)} {scale.dtype}, "
+                         f"zero {tuple(zero.shape)} {zero.dtype}, group size {group_size} (uint8 codes, float16 scale and zero)")
     if not (qweight.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
         raise ValueError("the int4 kernels take contiguous codes, scales and zero points")
     return n, kk, groups
@@ -390,7 +391,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., K] @ W.T + bias[N]`` in ``x``'s dtype, ``W`` the int4 weight of packed ``qweight``
     ``[N, K / 2]`` and per-group ``scale`` and ``zero`` ``[N, ceil(K / group_size)]``."""
-    check(qweight, scale, zero, group_size, x.shape[-1])
+    if x.shape[-1] != 2 * qweight.shape[-1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {2 * qweight.shape[-1]}")
     return Int4Matmul(qweight, scale, zero, group_size, bias if bias is None else bias.contiguous())(x)
 
 

@@ -249,7 +249,7 @@ def _scratch_at(index: int | None, stream: int, device: torch.device) -> _Scratc
         spare = _spare.get(index)
         if not spare and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # made here, its zeroed counters would exist only inside the graph
-            raise DeviceError("codecllm: a CUDA graph is being captured on a stream no int8 matmul has run on: run one "
+            raise DeviceError("codecllm: a CUDA graph is being captured on a stream no int8/int4 matmul has run on: run one "
                               "forward on that stream before capturing, or call codecllm.kernels.int8_triton.reserve_scratch(device)")
         s = _scratch[(index, stream)] = spare.pop() if spare else _Scratch(device)
     return s

@@ -62,6 +62,7 @@ class Int4CudaLinear(Int4Linear):
     def can_fuse(self, other: nn.Module) -> bool:
         return (type(other) is type(self) and self.in_features == other.in_features and self.scheme == other.scheme
                 and (self.bias is None) == (other.bias is None) and self.qweight.device == other.qweight.device
+                and self.qweight.is_contiguous() and other.qweight.is_contiguous()
                 and (self.bias is None or self.bias.dtype == other.bias.dtype))
 
     @staticmethod
