@@ -111,6 +111,13 @@ class Scheme:
         return None
 
 
+def keep_lower_error(best: tuple[torch.Tensor, ...], cand: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """For quantizers that search per group: of two candidates, tuples of per-group tensors whose last is
+    the error, the one with the lower error in each group (``best``'s on a tie)."""
+    m = cand[-1] < best[-1]
+    return tuple(torch.where(m, c, b) for c, b in zip(cand, best))
+
+
 def register_module(scheme: type[Scheme], float_class: type, backend: str, stand_in: Any) -> None:
     """Register the class (or a lazy ``"module:Class"`` path) standing in for ``float_class`` on
     ``backend`` ("cpu", "cuda") in files of ``scheme``."""

@@ -26,14 +26,14 @@ from ...dtypes import FLOAT_DTYPES
 from ...errors import CodecLLMError, FormatError
 from ...kernels import cpu as cpu_kernels
 from ...qmodules import CpuStream, QEmbedding, QLinear
-from .. import PartSpec, Scheme, register, register_module
+from .. import PartSpec, Scheme, keep_lower_error, register, register_module
 
 GROUP_SIZES = (32, 64, 128)
 QMAX = 15
 CLIP_GRID = 12  # clipping factors tried per group, from 1.0 down to CLIP_MIN
 CLIP_MIN = 0.7
 REFITS = 2
-_BLOCK_ELEMENTS = 1 << 21  # weights quantized at a time (float32 work buffers of a few times this)
+_BLOCK_ELEMENTS = 1 << 18  # weights quantized at a time: float32 work buffers of a few times this, kept in cache (1.5x faster than 1 << 21)
 
 
 @register
@@ -141,32 +141,33 @@ def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None =
         z = -lo / s
         return s, z
 
+    weighted = importance is not None or pad
+
+    def codes(s, z):
+        return torch.addcdiv(z[..., None], g, s[..., None]).round_().clamp_(0, QMAX)
+
     def assign(s, z):
-        s, z = s.half().float(), z.half().float()  # what the file stores
-        q = torch.clamp(torch.round(g / s[..., None] + z[..., None]), 0, QMAX)
-        err = (om * (g - (q - z[..., None]) * s[..., None]) ** 2).sum(-1)
-        return q, s, z, err
+        """(scale, zero) as the file stores them, and each group's weighted squared error with them."""
+        s, z = s.half().float(), z.half().float()
+        e = codes(s, z).sub_(z[..., None]).mul_(s[..., None]).sub_(g).square_()
+        if weighted:
+            e.mul_(om)
+        return s, z, e.sum(-1)
 
     best = None
     for a in torch.linspace(1.0, CLIP_MIN, CLIP_GRID).tolist():
         cand = assign(*fit(lo0 * a, hi0 * a))
-        best = cand if best is None else _keep_better(best, cand)
+        best = cand if best is None else keep_lower_error(best, cand)
     n = om.sum(-1, keepdim=True)
     for _ in range(REFITS):  # least squares of w ~ s * q + c over each group, given its codes
-        q = best[0]
+        q = codes(best[0], best[1])
         qm, wm = (om * q).sum(-1, keepdim=True) / n, (om * g).sum(-1, keepdim=True) / n
         var = (om * (q - qm) ** 2).sum(-1)
-        s = torch.maximum(torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[1]), floor)
+        s = torch.maximum(torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[0]), floor)
         z = qm[..., 0] - wm[..., 0] / s
-        best = _keep_better(best, assign(s, z))
-    q, s, z, _ = best
-    return q.to(torch.uint8).reshape(rows, groups * gs), s.half(), z.half()
-
-
-def _keep_better(best, cand):
-    m = cand[3] < best[3]
-    return (torch.where(m[..., None], cand[0], best[0]), torch.where(m, cand[1], best[1]), torch.where(m, cand[2], best[2]),
-            torch.where(m, cand[3], best[3]))
+        best = keep_lower_error(best, assign(s, z))
+    s, z, _ = best
+    return codes(s, z).to(torch.uint8).reshape(rows, groups * gs), s.half(), z.half()
 
 
 def _dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int, cols: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ...dtypes import FLOAT_DTYPES
 from ...errors import CodecLLMError, FormatError
 from ...kernels import cpu as cpu_kernels
 from ...qmodules import CpuStream, QEmbedding, QLinear
-from .. import PartSpec, Scheme, register, register_module
+from .. import PartSpec, Scheme, keep_lower_error, register, register_module
 
 QMAX = 127
 GROUP_SIZES = (32, 64, 128)
@@ -31,6 +31,7 @@ CLIP_MIN = 0.85
 REFITS = 2
 # rows quantized at a time, so that converting a large tensor needs one float32 block, not a float32 copy
 _BLOCK_ELEMENTS = 1 << 22
+_GROUP_BLOCK_ELEMENTS = 1 << 18  # the grouped search's passes over a block stay in cache (1.6x faster than 1 << 22)
 
 
 @register
@@ -105,26 +106,30 @@ class Int8(Scheme):
         weight = weight.reshape(1, groups, gs)
         q = torch.empty((rows, cols), dtype=torch.int8)
         scale = torch.empty((rows, groups), dtype=torch.float16)
-        step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        step = max(1, _GROUP_BLOCK_ELEMENTS // max(cols, 1))
         for r in range(0, rows, step):
             block = w[r:r + step].to(torch.float32)
             g = F.pad(block, (0, groups * gs - cols)).reshape(block.shape[0], groups, gs)
 
+            def codes(s):
+                return g.div(s[..., None]).round_().clamp_(-QMAX, QMAX)
+
             def assign(s):
+                """The scale as the file stores it, and each group's weighted squared error with it."""
                 s = s.half().float()
                 s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: codes 0 with any scale
-                c = torch.round(g / s[..., None]).clamp_(-QMAX, QMAX)
-                return c, s, (weight * (g - c * s[..., None]) ** 2).sum(-1)
+                return s, codes(s).mul_(s[..., None]).sub_(g).square_().mul_(weight).sum(-1)
 
             amax = g.abs().amax(dim=2) / QMAX
             best = None
             for a in torch.linspace(1.0, CLIP_MIN, CLIP_GRID).tolist():
-                best = _keep_better(best, assign(amax * a))
+                cand = assign(amax * a)
+                best = cand if best is None else keep_lower_error(best, cand)
             for _ in range(REFITS):  # least squares of w ~ s * q over each group, given its codes
-                c = best[0]
-                best = _keep_better(best, assign((weight * g * c).sum(-1) / (weight * c * c).sum(-1).clamp_min(1e-30)))
-            q[r:r + step] = best[0].reshape(block.shape[0], -1)[:, :cols].to(torch.int8)
-            scale[r:r + step] = best[1].half()
+                c = codes(best[0])
+                best = keep_lower_error(best, assign((weight * g * c).sum(-1) / (weight * c * c).sum(-1).clamp_min(1e-30)))
+            q[r:r + step] = codes(best[0]).reshape(block.shape[0], -1)[:, :cols].to(torch.int8)
+            scale[r:r + step] = best[0].half()
         return {"qweight": q, "scale": scale}
 
     def dequantize(self, parts, dtype):
@@ -147,14 +152,6 @@ class Int8(Scheme):
             return super().embedding(parts, ids, dtype)
         rows = F.embedding(ids, parts["qweight"]).to(torch.float32)
         return (rows * parts["scale"][ids].unsqueeze(-1)).to(dtype)
-
-
-def _keep_better(best, cand):
-    """Per group, the (codes, scale, error) with the smaller error."""
-    if best is None:
-        return cand
-    m = cand[2] < best[2]
-    return torch.where(m[..., None], cand[0], best[0]), torch.where(m, cand[1], best[1]), torch.where(m, cand[2], best[2])
 
 
 class Int8Linear(QLinear):

@@ -1,0 +1,52 @@
+"""Conversion time per scheme on a Llama-3-8B-shaped layer stack (random fp16; 2 layers and a 32,000-token
+vocabulary by default, 0.70 G parameters): the int4 issue asks int4 to convert in at most 3x int8's time.
+
+    python scripts/bench_convert_time.py --out benchmarks/results/convert_time_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import L8X4, write_checkpoint  # noqa: E402
+
+import codecllm  # noqa: E402
+from codecllm.schemes import parse_scheme  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--schemes", default="int8,int4:g64,int8:g64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/convert_time_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = dict(L8X4, num_hidden_layers=args.layers, vocab_size=args.vocab)
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="codecllm-bench-") as tmp:
+        src = write_checkpoint(Path(tmp, "src"), cfg)
+        for spec in args.schemes.split(","):
+            scheme = parse_scheme(spec)
+            t = time.perf_counter()
+            codecllm.convert(src, Path(tmp, "out.cllm"), quant=scheme.id, group_size=scheme.params.get("group_size"), force=True)
+            seconds[spec] = time.perf_counter() - t
+            print(f"{spec:<10} {seconds[spec]:7.1f} s  ({seconds[spec] / seconds[args.schemes.split(',')[0]]:.2f}x)", flush=True)
+    res = {"model": f"Llama-3-8B shapes, {args.layers} layers, vocabulary {args.vocab}, random fp16",
+           "machine": f"{platform.machine()} CPU, {args.threads} threads", "torch": torch.__version__, "convert_s": seconds}
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print("wrote", args.out, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
