@@ -8,6 +8,7 @@ temporary files are gone.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -76,7 +77,8 @@ class _SizeType(click.ParamType):
 @click.option("--chunk-size", type=_SizeType(), default=DEFAULT_CHUNK_SIZE, show_default=True, help="Bytes per independently coded chunk.")
 @click.option("--level", type=int, default=None, help="Codec level (zstd: 1-22, default 3).")
 @click.option("--skip", multiple=True, metavar="PATTERN", help="Keep modules matching this glob unquantized (repeatable), e.g. 'lm_head' or 'model.embed_tokens'.")
-@click.option("--quantize-all", is_flag=True, help="Also quantize the MLP output projections of the first and last blocks.")
+@click.option("--quantize-all", is_flag=True, help="Also quantize the MLP output projections of the first and last blocks, and give the "
+              "embedding and value projections the scheme's own group size (by default they take half of it).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--hf-dir", type=click.Path(file_okay=False), default=None,
@@ -141,7 +143,12 @@ def convert_cmd(source, output, quant, group_size, overrides, codec, chunk_size,
         f"{quant} weights: {q['ratio']:.3f}x of their original bytes; the order-0 entropy bound of the encoded "
         f"bytes is {q['bound_ratio']:.3f}x ({q['ratio'] / max(q['bound_ratio'], 1e-9):.1%} of it reached)"
     )
-    click.echo(f"{data['bits_per_weight']:.2f} bits per weight over all tensors")
+    by_scheme: dict[str, list[int]] = {}  # scheme -> [tensors, weights, bytes out]
+    for ts in data["tensors"]:
+        acc = by_scheme.setdefault(ts["scheme"], [0, 0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + math.prod(ts["shape"]), acc[2] + ts["bytes_out"]
+    per = "; ".join(f"{_escape(k)} {8 * v[2] / max(v[1], 1):.2f} ({v[0]} tensors)" for k, v in sorted(by_scheme.items()))
+    click.echo(f"{data['bits_per_weight']:.2f} bits per weight over all tensors: {per} (per tensor: codecllm-dump, or --json)")
     click.echo(f"{data['seconds']:.2f} s -> {output}" + (f" (and {hf_dir}/)" if hf_dir else ""))
 
 

@@ -211,8 +211,9 @@ def convert(
 
     ``quant`` (the default scheme if None) is the scheme for the weights of the modules some scheme stands in for (Linear, Conv1D,
     Embedding); every other tensor is stored bit-exact. By default the MLP output projections of the
-    first and last blocks stay unquantized (see ``architecture._edge_outputs``); ``quantize_all=True``
-    quantizes them too. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
+    first and last blocks stay unquantized (see ``architecture._edge_outputs``) and a grouped scheme gives
+    the input embedding and the attention value projections half its group size (``Scheme.finer``);
+    ``quantize_all=True`` quantizes every weight with the scheme as given. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
     matches nothing is reported in ``Summary.warnings``). ``group_size`` is the group size of a scheme
     that takes one (``int4``: 32, 64 or 128; 64 if None). ``overrides`` holds (module glob, scheme spec)
     pairs, such as ``("model.embed_tokens", "int8")`` or ``("*.down_proj", "int4:g32")``: the last one

@@ -1,6 +1,8 @@
 """The ``int4`` scheme on the CPU: its layout, its packing, its quantizer against round-to-nearest, and a
 model through convert, load and dump (the real-model floor: test_smollm2.py)."""
 
+import re
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -103,6 +105,8 @@ def test_model_end_to_end(tiny_llama, tmp_path):
         stream = codecllm.load(out, mode="stream")(ids).logits
         assert torch.equal(resident, stream)
         assert sqnr_db(ref(ids).logits, resident) > 10
+    # bits per weight by scheme (fp16 norms and edge projections: 16 bits before zstd)
+    assert re.search(r"bits per weight over all tensors: int4\(group_size=32\) 4\.\d\d \(21 tensors\); none 1\d\.\d\d \(9 tensors\)", r.output), r.output
     r = CliRunner().invoke(dump_cmd, [str(out), "--verify"])
     assert r.exit_code == 0 and "int4(group_size=32)" in r.output, r.output
     r = CliRunner().invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "x.cllm"), "--quant", "none", "--group-size", "32"])
