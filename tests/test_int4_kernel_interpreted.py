@@ -67,3 +67,44 @@ def test_int4_dequantize_into():
     out = torch.empty(6, 200)
     int4_triton.dequantize_into(parts["qweight"], parts["scale"], parts["zero"], 64, out)
     assert torch.equal(out, w.float())
+
+
+@interpreted
+def test_int4_cuda_stand_ins_fuse_and_compile(tiny_llama, tmp_path):
+    """The int4 CUDA stand-ins (their kernels run here under the interpreter): q/k/v and gate/up are
+    learned as groups and run as one matmul each on a one-token input, matching the same file layer by
+    layer; compiled, the model traces as one graph with one ``codecllm::int4_linear`` per group or layer."""
+    import codecllm
+    from codecllm.gpu.fusion import SiblingFusion
+    from codecllm.schemes.int4 import Int4Linear
+    from codecllm.schemes.int4.cuda import Int4CudaLinear
+
+    codecllm.convert(tiny_llama, tmp_path / "m.cllm", quant="int4", group_size=64, quantize_all=True)  # one group size: q/k/v fuse
+    model, plain = codecllm.load(tmp_path / "m.cllm"), codecllm.load(tmp_path / "m.cllm")
+    for m in [*model.modules(), *plain.modules()]:
+        if type(m) is Int4Linear:
+            m.__class__ = Int4CudaLinear
+    layers = [m for m in model.modules() if type(m) is Int4CudaLinear]
+    fusion = SiblingFusion(layers)
+    model.register_forward_hook(fusion.learn)
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    ids = torch.tensor([[5]])
+    close = dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, **close)  # learns the groups
+        groups = {tuple(names[id(m)] for m in g.layers) for g in fusion.groups.values()}
+        assert groups == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}
+        launches, matmuls = [], {g: g.matmul for g in fusion.groups.values()}
+        for g, mm in matmuls.items():
+            g.matmul = lambda x, run=mm: launches.append(1) or run(x)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, **close)
+        assert len(launches) == len(fusion.groups) == 2 * len(model.model.layers) and not fusion.kept
+        for g, mm in matmuls.items():  # the compiled forward reads the group matmul's tensors
+            g.matmul = mm
+        explained = torch._dynamo.explain(model)(ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        op = torch.ops.codecllm.int4_linear
+        calls = [n for g in explained.graphs for n in g.graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
+        assert len(calls) == len(layers) - sum(len(g.layers) - 1 for g in fusion.groups.values())
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+        torch.testing.assert_close(got, plain(ids).logits, **close)

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..qmodules import QuantizedWeight
+
 MAX_GROUP = 3
 
 
@@ -54,9 +56,32 @@ class _Group:
         return op(x, layer)
 
 
+class FusableLinear:
+    """Mixin for a CUDA stand-in whose kernel fusion may group with its siblings: the forward every such
+    layer shares. The class provides ``op(x, src)`` (its custom operator on the tensors of ``src``, the
+    layer itself or its group's matmul), ``plain(x)`` (the layer alone, eagerly), ``can_fuse`` and
+    ``join``. Under ``torch.compile`` the graph sees the operator (a group's first layer calls it once
+    for the group at one token: ``_Group.traced``); eager calls go through the fusion runner, once one is
+    installed, or ``plain``. A float weight assigned after load computes as a plain Linear."""
+
+    fusable = True
+    runner = None  # set by ``SiblingFusion`` to run this layer together with its siblings
+    group = None  # the sibling group it joined
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if type(self._parameters["weight"]) is not QuantizedWeight:
+                return super().forward(x)
+            if self.group is not None and x.numel() == self.in_features:
+                return self.group.traced(self, x, self.op)
+            return self.op(x, self)
+        if self.runner is not None:
+            return self.runner(self, x)
+        return self.plain(x)
+
+
 class SiblingFusion:
-    """Learns groups among layers that are ``fusable`` (their class says so and implements ``can_fuse``,
-    ``join`` and ``plain``: the int8 CUDA stand-in does)."""
+    """Learns groups among layers that are ``fusable`` (``FusableLinear``: the int8 and int4 CUDA stand-ins)."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers

@@ -12,28 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...gpu.fusion import FusableLinear
 from ...gpu.stream import CudaStream
 from ...kernels.int4_triton import Int4Matmul
-from ...qmodules import QuantizedWeight
+from ...qmodules import QLinear, QuantizedWeight
 from . import Int4Linear
 
 
-class Int4CudaLinear(Int4Linear):
-    fusable = True
-    runner = None  # set by ``codecllm.gpu.fusion`` to run this layer together with its siblings
-    group = None  # the sibling group it joined (``codecllm.gpu.fusion``)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the graph sees the operator; Inductor fuses around it
-            if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
-                return super().forward(x)
-            if self.group is not None and x.numel() == self.in_features:  # one token: the group as one operator call
-                return self.group.traced(self, x, self.op)
-            return self.op(x, self)
-        if self.runner is not None:
-            return self.runner(self, x)
-        return self.plain(x)
-
+class Int4CudaLinear(FusableLinear, Int4Linear):
     def op(self, x: torch.Tensor, src) -> torch.Tensor:
         """The ``codecllm::int4_linear`` operator on the tensors of ``src`` (this layer or its group's matmul)."""
         return torch.ops.codecllm.int4_linear(x, src.qweight, src.scale, src.zero, self.scheme.group_size, src.bias)
@@ -41,7 +27,7 @@ class Int4CudaLinear(Int4Linear):
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """This layer alone, through the matmul prepared for its tensors."""
         if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
-            return super().forward(x)
+            return QLinear.forward(self, x)
         return self._matmul(self._buffers["qweight"])(x)
 
     def linear(self, x, parts):

@@ -12,28 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...gpu.fusion import FusableLinear
 from ...gpu.stream import CudaStream
 from ...kernels.int8_triton import Int8Matmul
-from ...qmodules import QuantizedWeight
+from ...qmodules import QLinear, QuantizedWeight
 from . import Int8Linear
 
 
-class Int8CudaLinear(Int8Linear):
-    fusable = True
-    runner = None  # set by ``codecllm.gpu.fusion`` to run this layer together with its siblings
-    group = None  # the sibling group it joined (``codecllm.gpu.fusion``)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the graph sees the operator; Inductor fuses around it
-            if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
-                return super().forward(x)
-            if self.group is not None and x.numel() == self.in_features:  # one token: the group as one operator call
-                return self.group.traced(self, x, self.op)
-            return self.op(x, self)
-        if self.runner is not None:
-            return self.runner(self, x)
-        return self.plain(x)
-
+class Int8CudaLinear(FusableLinear, Int8Linear):
     @staticmethod
     def op(x: torch.Tensor, src) -> torch.Tensor:
         """The ``codecllm::int8_linear`` operator on the tensors of ``src`` (a layer or its group's matmul)."""
@@ -42,7 +28,7 @@ class Int8CudaLinear(Int8Linear):
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         """This layer alone, through the matmul prepared for its tensors."""
         if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
-            return super().forward(x)
+            return QLinear.forward(self, x)
         mm = self.__dict__.get("_mm")
         buffers = self._buffers
         if mm is None or mm.qweight is not buffers["qweight"] or mm.scale is not buffers["scale"] or mm.bias is not self._parameters.get("bias"):
