@@ -278,11 +278,12 @@ def main() -> None:
 
 
 def record_kernels(result: dict) -> None:
-    from codecllm.kernels import int8_triton
+    from codecllm.kernels import launch
 
-    result["environment"]["int8_direct_launch"] = all(l.direct for l in int8_triton._compiled.values())
-    result["int8_configs"] = int8_triton.tuned_configs()
-    result["int8_large_m_paths"] = {str(k): v for k, v in int8_triton._path.items()}
+    # the Triton kernels of every scheme (int8, int4): keys named as when only int8 had kernels
+    result["environment"]["int8_direct_launch"] = all(l.direct for l in launch.LAUNCHERS.values())
+    result["int8_configs"] = launch.tuned_configs()
+    result["int8_large_m_paths"] = {str(k): v for k, v in launch.PATHS.items()}
 
 
 def report(result: dict) -> None:

@@ -150,13 +150,13 @@ def main():
     ap.add_argument("--int4", type=int, metavar="GS", help="also time the int4 kernels, groups of GS")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel.json")
     a = ap.parse_args()
-    from codecllm.kernels.int8_triton import reserve_scratch
+    from codecllm.kernels.launch import reserve_scratch
     reserve_scratch(torch.device(DEV))  # split-K scratch for the capture stream of ``timed``
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes,
            "matmuls": matmuls(SHAPES[a.shapes], [int(m) for m in a.ms.split(",")], a.int4)}
     if a.shapes == "tinyllama":
         res["forward16"] = forward_breakdown()
-    from codecllm.kernels.int8_triton import tuned_configs
+    from codecllm.kernels.launch import tuned_configs
     res["configs"] = tuned_configs()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")

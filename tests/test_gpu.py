@@ -49,7 +49,7 @@ def test_row_matmul_input_layouts():
 def test_public_launch_path_matches_direct():
     """Where Triton's launcher takes other arguments, launches fall back to the JIT's public path with
     the tuned configuration: same bits."""
-    from codecllm.kernels import int8_triton as int8_matmul
+    from codecllm.kernels import launch
     from codecllm.kernels.int8_triton import Int8Matmul, int8_linear
 
     n, k = 640, 1024
@@ -59,7 +59,7 @@ def test_public_launch_path_matches_direct():
     xs = [torch.randn(m, k, device=DEV).half() for m in (1, 16)]
     direct = [row(xs[0]), int8_linear(xs[1], q, s)]
     direct = [row(xs[0]), int8_linear(xs[1], q, s)]  # the first calls tuned; these launched directly
-    launchers = list(int8_matmul._compiled.values())
+    launchers = list(launch.LAUNCHERS.values())
     assert all(l.direct for l in launchers)
     try:
         for l in launchers:

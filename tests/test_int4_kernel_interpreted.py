@@ -7,11 +7,11 @@ import torch
 pytest.importorskip("triton")
 
 from codecllm.kernels import int4_triton  # noqa: E402
-from codecllm.kernels import int8_triton  # noqa: E402
+from codecllm.kernels import launch  # noqa: E402
 from codecllm.kernels.int4_triton import Int4Matmul, int4_linear  # noqa: E402
 from codecllm.schemes.int4 import Int4  # noqa: E402
 
-interpreted = pytest.mark.skipif(not int8_triton._INTERPRET, reason="runs under Triton's interpreter (no CUDA device)")
+interpreted = pytest.mark.skipif(not launch.INTERPRET, reason="runs under Triton's interpreter (no CUDA device)")
 
 
 def parts_and_reference(n, k, gs, seed):
@@ -46,7 +46,7 @@ def test_int4_matmul(case, monkeypatch):
     ref = x.double() @ w.T + (b.double() if bias else 0)
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 2e-3), err
-    assert not int8_triton._scratch_for(torch.device("cpu")).counts.any()
+    assert not launch.scratch_for(torch.device("cpu")).counts.any()
 
 
 @interpreted
@@ -108,3 +108,25 @@ def test_int4_cuda_stand_ins_fuse_and_compile(tiny_llama, tmp_path):
         assert len(calls) == len(layers) - sum(len(g.layers) - 1 for g in fusion.groups.values())
         got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
         torch.testing.assert_close(got, plain(ids).logits, **close)
+
+
+@interpreted
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cublas_path_on_dequantized_blocks(scheme, monkeypatch):
+    """The large-M alternative both schemes share (``launch.cublas_linear``): the weight dequantized a block
+    of rows at a time into one workspace (here blocks of 16 rows of 40, the last one short), each block's
+    product written to its columns of the output, with the bias."""
+    from codecllm.kernels import int8_triton
+
+    monkeypatch.setattr(launch, "DEQUANT_BLOCK_BYTES", 16 * 64 * 4)
+    torch.manual_seed(3)
+    x, b, y = torch.randn(5, 64), torch.randn(40), torch.empty(5, 40)
+    if scheme == "int4":
+        parts, w = parts_and_reference(40, 64, 32, 3)
+        int4_triton._cublas_linear(x, parts["qweight"], parts["scale"], parts["zero"], 32, b, y)
+    else:
+        q, s = torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40) * 0.01
+        w = q.double() * s.double()[:, None]
+        int8_triton._cublas_linear(x, q, s, b, y)
+    ref = x.double() @ w.T + b.double()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 import codecllm  # noqa: E402
 from codecllm.kernels import int8_triton as int8_matmul  # noqa: E402
+from codecllm.kernels import launch  # noqa: E402
 from codecllm.kernels.int8_triton import Int8Matmul, int8_linear  # noqa: E402
 from codecllm.schemes import get_scheme  # noqa: E402
 from codecllm.schemes.int8 import Int8Linear  # noqa: E402
@@ -16,7 +17,7 @@ from codecllm.schemes.int8.cuda import Int8CudaLinear  # noqa: E402
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where torch sees no CUDA device; with one, tests/test_gpu.py
 # checks the compiled kernels instead
-interpreted = pytest.mark.skipif(not int8_matmul._INTERPRET, reason="runs under Triton's interpreter (no CUDA device)")
+interpreted = pytest.mark.skipif(not launch.INTERPRET, reason="runs under Triton's interpreter (no CUDA device)")
 
 CPU = torch.device("cpu")
 
@@ -62,7 +63,7 @@ def test_int8_matmul(case, monkeypatch):
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 2e-3), err
     assert torch.equal(int8_linear(x.reshape(1, m, k), q, s, b), y)
-    assert not int8_matmul._scratch_for(CPU).counts.any()  # every call leaves its split counters at zero
+    assert not launch.scratch_for(CPU).counts.any()  # every call leaves its split counters at zero
 
 
 @interpreted
@@ -82,7 +83,7 @@ def test_row_matmul_called_again_and_again(n, bias, split, monkeypatch):
     torch.testing.assert_close(y[0].double(), reference(x[0], q, s, b), rtol=1e-5, atol=1e-5)
     for _ in range(2):
         assert torch.equal(row(x), y)
-    assert not int8_matmul._scratch_for(CPU).counts.any()
+    assert not launch.scratch_for(CPU).counts.any()
 
 
 @interpreted

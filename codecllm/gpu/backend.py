@@ -96,7 +96,7 @@ class CudaBackend:
     def finish(self, model: nn.Module) -> None:
         """Let sibling layers fuse; give the stream layers their workspaces, check that every streamed
         weight decodes once, and hook the model's forward (prefetches stay inside one forward)."""
-        from ..kernels.int8_triton import reserve_scratch
+        from ..kernels.launch import reserve_scratch
         from . import fusion
 
         reserve_scratch(self.device)

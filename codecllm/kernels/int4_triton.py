@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import int8_triton as common
-from .int8_triton import LARGE_M, SMALL_M, SPLIT_MAX_N, _bucket, _compiled, _grid, _path, _scratch, _scratch_at, _scratch_for
+from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, choose_path, cublas_linear, launch_grid,
+                     scratch_at, scratch_for, split_fits, tuned_launcher)
 
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as float32
 
@@ -235,7 +235,7 @@ def _prune_mm(configs, named_args, **kwargs):
         keep = [c for c in ok if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
         keep = [c for c in ok if c.kwargs["BLOCK_M"] >= 64]
-    keep = [c for c in keep if common._split_fits(c, named_args["M_BUCKET"], n, k)]
+    keep = [c for c in keep if split_fits(c, named_args["M_BUCKET"], n, k)]
     return keep or [c for c in ok if c.kwargs["SPLIT_K"] == 1]
 
 
@@ -276,23 +276,14 @@ def dequantize_into(qweight, scale, zero, group_size: int, out: torch.Tensor) ->
 def _cublas_linear(x2, qweight, scale, zero, group_size, bias, y) -> None:
     """``y = x2 @ W.T + bias`` through cuBLAS on blocks of dequantized rows."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
-    rows = max(16, min(n, common.DEQUANT_BLOCK_BYTES // (k * x2.element_size())) // 16 * 16)
-    w = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        wb = dequantize_into(qweight[n0:n1], scale[n0:n1], zero[n0:n1], group_size, w[:n1 - n0])
-        out = y if n1 - n0 == n else y[:, n0:n1]
-        if bias is None:
-            torch.mm(x2, wb.t(), out=out)
-        else:
-            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wb.t(), out=out)
+    cublas_linear(x2, n, k, lambda n0, n1, out: dequantize_into(qweight[n0:n1], scale[n0:n1], zero[n0:n1], group_size, out), bias, y)
 
 
 class Int4Matmul:
     """``int4_linear`` with the parts and bias fixed when it is made, as a layer's are: one row through
     the GEMV kernel, more through the GEMM (or, for large M where it measured faster, cuBLAS on
     dequantized blocks). After the first call of a layout, kernels launch through prepared launchers
-    (``int8_triton._Launcher``), with little host time."""
+    (``launch.Launcher``), with little host time."""
 
     def __init__(self, qweight, scale, zero, group_size: int, bias: torch.Tensor | None = None):
         self.n, self.k, self.groups = check(qweight, scale, zero, group_size)
@@ -319,11 +310,11 @@ class Int4Matmul:
     def _run(self, x2: torch.Tensor, y: torch.Tensor) -> None:
         m, n = x2.shape[0], self.n
         gemv = m == 1
-        bucket = 1 if gemv else _bucket(m)
-        if common._INTERPRET:
-            scratch = _scratch_for(self.device)
+        bucket = 1 if gemv else bucket_of(m)
+        if INTERPRET:
+            scratch = scratch_for(self.device)
             cfg = INTERPRET_GEMV if gemv else INTERPRET_CONFIG
-            (_int4_gemv_kernel if gemv else _int4_mm_kernel)[_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
+            (_int4_gemv_kernel if gemv else _int4_mm_kernel)[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
             return
         lkey = (bucket, x2.dtype, x2.stride(), x2.data_ptr() % 16 == 0)
         launch = self.launchers.get(lkey)
@@ -331,7 +322,7 @@ class Int4Matmul:
             _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)
             return
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        scratch = SCRATCH.get((self.index, stream)) or scratch_at(self.index, stream, self.device)
         args = self._args(x2, y, scratch, bucket, True)
         tensors = lambda: self._args(x2, y, scratch, bucket, False)  # noqa: E731
         if launch is None:
@@ -365,21 +356,21 @@ class Int4Matmul:
         else:
             kernel, tuned, names, nflags = _int4_mm_kernel, _tuned_mm, _MM_CONSTS, 3
             flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias, "IEEE": x2.dtype == torch.float32}
-        done = key not in _compiled  # a first call tunes the kernel, which computes y on the way
-        launch = common._tuned_launcher(kernel, tuned, names, key, list(t[:-nflags]), flags, m, n,
+        done = key not in LAUNCHERS  # a first call tunes the kernel, which computes y on the way
+        launch = tuned_launcher(kernel, tuned, names, key, list(t[:-nflags]), flags, m, n,
                                         f"int4 {'gemv' if gemv else 'mm'} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
         run = lambda: launch(launch.grid(m, n), stream, args, tensors)  # noqa: E731
         cublas = lambda: _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)  # noqa: E731
         path = "triton"
         if m >= LARGE_M:
             pkey = ("int4", lkey[0], n, self.k, self.group_size, x2.dtype, self.index)
-            path = _path.get(pkey)
+            path = PATHS.get(pkey)
             if path is None:
                 if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: chosen at a later call
                     if not done:
                         run()
                     return
-                path, done = common._choose(pkey, run, cublas, x2.device), False
+                path, done = choose_path(pkey, run, cublas, x2.device), False
         self.launchers[lkey] = "cublas" if path == "cublas" else launch
         if path == "cublas":
             cublas()

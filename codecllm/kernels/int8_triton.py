@@ -15,18 +15,13 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests che
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..errors import DeviceError
-from ..gpu.graphs import events_ms
+from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, Launcher, bucket_of, choose_path, cublas_linear,
+                     launch_grid, scratch_at, scratch_for, split_fits, tuned_launcher)
 
-MAX_SPLIT_K = 8
-SPLIT_MAX_N = 8192  # wider outputs have tiles enough: K is not split for them
-SMALL_M = 16
 
 
 def _configs() -> list[triton.Config]:
@@ -39,7 +34,7 @@ def _configs() -> list[triton.Config]:
             cfgs.append(triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split},
                                       num_warps=w, num_stages=s))
     # medium M (batches): few output tiles at N = 1024-4096, so K may be split in two there (what the
-    # scratch holds at 64 rows: ``_split_fits``)
+    # scratch holds at 64 rows: ``split_fits``)
     for bm, bn, bk, w, s in ((32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4)):
         for split in (2,):
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": split}, num_warps=w, num_stages=s))
@@ -50,16 +45,6 @@ def _configs() -> list[triton.Config]:
     return cfgs
 
 
-def _split_fits(c: triton.Config, m_bucket: int, n: int, k: int) -> bool:
-    """Whether a K-split configuration may run: a wide enough K, and partials that fit the scratch
-    (``MAX_SPLIT_K * SMALL_M`` float32 rows per output column, ``SPLIT_MAX_N`` columns)."""
-    kw = c.kwargs
-    if kw["SPLIT_K"] == 1:
-        return True
-    rows = triton.cdiv(m_bucket, kw["BLOCK_M"]) * kw["BLOCK_M"]
-    return n <= SPLIT_MAX_N and k >= kw["SPLIT_K"] * kw["BLOCK_K"] and rows * kw["SPLIT_K"] <= MAX_SPLIT_K * SMALL_M
-
-
 def _prune(configs, named_args, **kwargs):
     m, n, k, bucket = named_args["M"], named_args["N"], named_args["K"], named_args["M_BUCKET"]
     if m <= SMALL_M:
@@ -68,7 +53,7 @@ def _prune(configs, named_args, **kwargs):
         keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
-    keep = [c for c in keep if _split_fits(c, bucket, n, k)]
+    keep = [c for c in keep if split_fits(c, bucket, n, k)]
     return keep or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
 
 
@@ -204,129 +189,10 @@ _tuned = triton.autotune(
 _CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
 _GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
 # the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
 _INTERPRET_GEMV_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
 
-def _bucket(m: int) -> int:
-    return SMALL_M if m <= SMALL_M else 64 if m <= 64 else 256 if m <= 256 else 4096
-
-
-class _Scratch:
-    """The split-K partials and tile counters of one CUDA stream. Sized once for the largest split
-    output (``SPLIT_MAX_N`` columns at ``SMALL_M`` rows), so that calls never allocate. Counters start
-    at zero and every call leaves them at zero. Kept per stream: two streams running split matmuls at
-    the same time must not share counters."""
-
-    def __init__(self, device: torch.device):
-        tiles = SPLIT_MAX_N  # one row per tile at the least
-        self.parts = torch.empty(MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128), dtype=torch.float32, device=device)
-        self.counts = torch.zeros(tiles + 1, dtype=torch.int32, device=device)
-        self.ptrs = (self.parts.data_ptr(), self.counts.data_ptr())
-
-
-_scratch: dict[tuple, _Scratch] = {}
-_spare: dict[int | None, list[_Scratch]] = {}  # per device: made ahead, for streams not seen yet
-SPARE_SCRATCH = 4
-
-
-def reserve_scratch(device: torch.device) -> None:
-    """Make scratch ahead for the streams a device's matmuls will meet (the caller's, the one CUDA-graph
-    capture and ``torch.compile``'s CUDA graphs use): made during a capture, or while the compiler's
-    graphs route allocations into their private pool, it would belong to that pool. The loader calls this."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda": the current device, as tensors made there get
-        device = torch.device("cuda", torch.cuda.current_device())
-    spare = _spare.setdefault(device.index, [])
-    while len(spare) < SPARE_SCRATCH and not torch.cuda.is_current_stream_capturing():
-        spare.append(_Scratch(device))
-
-
-def _scratch_at(index: int | None, stream: int, device: torch.device) -> _Scratch:
-    s = _scratch.get((index, stream))
-    if s is None:
-        spare = _spare.get(index)
-        if not spare and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # made here, its zeroed counters would exist only inside the graph
-            raise DeviceError("codecllm: a CUDA graph is being captured on a stream no int8/int4 matmul has run on: run one "
-                              "forward on that stream before capturing, or call codecllm.kernels.int8_triton.reserve_scratch(device)")
-        s = _scratch[(index, stream)] = spare.pop() if spare else _Scratch(device)
-    return s
-
-
-def _scratch_for(device: torch.device) -> _Scratch:
-    if device.type != "cuda":
-        return _scratch_at(None, 0, device)
-    return _scratch_at(device.index, torch._C._cuda_getCurrentRawStream(device.index), device)
-
-
-# Launching through the autotuner and the JIT's argument binder costs tens of microseconds of host time
-# per call, more than an fp16 matmul's whole launch. After the first call for a given layout, the compiled
-# kernel chosen by the autotuner is launched directly through its launcher, with every pointer passed as
-# an integer (a tensor would cost the launcher a driver query per pointer). The key holds everything the
-# kernel was specialized on (dtypes, N, K, strides, 16-byte alignment of each pointer); M is not.
-_compiled: dict[tuple, "_Launcher"] = {}
-
-
-class _Launcher:
-    def __init__(self, jit, compiled, config: triton.Config, names: tuple[str, ...], n: int, label: str):
-        self.label = label  # kernel and shape, for records
-        self.jit, self.consts = jit, tuple(config.kwargs[c] for c in names)
-        self.meta_kwargs = {c: config.kwargs[c] for c in names}
-        compiled._init_handles()
-        self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
-        self.num_warps, self.num_stages = config.num_warps, config.num_stages
-        self.split = config.kwargs["SPLIT_K"]
-        self.row_grid = triton.cdiv(n, config.kwargs["BLOCK_N"])  # programs per K split at M = 1
-        self.direct = True
-
-    def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (*_grid(self.meta_kwargs)(m, n), 1)
-
-    def __call__(self, grid: tuple[int, int, int], stream: int, args: tuple, tensors) -> None:
-        """Launch with ``args`` (pointers as integers); ``tensors()`` gives the same arguments with
-        tensors, for the public path a Triton with another launcher signature takes."""
-        if self.direct:
-            try:
-                self.run(grid[0], grid[1], grid[2], stream, self.function, self.meta, None, None, None, *args, *self.consts)
-                return
-            except TypeError:  # another Triton's launcher signature: take the public path from now on
-                self.direct = False
-        self.jit[grid](*tensors(), **self.meta_kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def tuned_configs() -> list[str]:
-    """What the autotuner chose so far, one line per kernel and shape (for benchmark records)."""
-    return sorted({f"{l.label}: " + " ".join(f"{c}={v}" for c, v in l.meta_kwargs.items()) + f" warps={l.num_warps} stages={l.num_stages}"
-                   for l in _compiled.values()})
-
-
-def _grid(meta: dict):
-    """The launch grid of a configuration, as a function of M and N: (output tiles, K splits)."""
-    bm = meta.get("BLOCK_M", 1)
-    return lambda m, n: (triton.cdiv(m, bm) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-
-def _tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, flags: dict, m: int, n: int, label: str) -> "_Launcher":
-    """The launcher of ``kernel``'s best configuration for ``key``; the first call for a key tunes it
-    (running the kernel on ``args``, whose results it leaves in place)."""
-    launch = _compiled.get(key)
-    if launch is None:
-        tuned[lambda meta: _grid(meta)(m, n)](*args, **flags)
-        cfg = tuned.best_config
-        compiled = kernel.warmup(*args, **flags, grid=_grid(cfg.kwargs)(m, n), **cfg.all_kwargs())
-        launch = _compiled[key] = _Launcher(kernel, compiled, cfg, names, n, label)
-    return launch
-
-
-# Large M (prefill): the Triton GEMM or the weight dequantized, a block of rows at a time, into a workspace
-# that cuBLAS multiplies; whichever is faster for the shape, measured at its first call outside a CUDA-graph
-# capture (``_choose``), is kept for the process. The two round differently (cuBLAS multiplies a weight
-# rounded to the activation dtype), so large-M outputs are reproducible within a process, not across.
-LARGE_M = 65  # from this M on, both paths are timed
-DEQUANT_BLOCK_BYTES = 128 << 20  # dequantized rows per cuBLAS call (a Llama-3-8B MLP weight is one block)
-_path: dict[tuple, str] = {}  # (M bucket, N, K, dtypes, bias) -> "triton" or "cublas"
 
 
 @triton.jit
@@ -351,25 +217,7 @@ def _cublas_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                    y: torch.Tensor) -> None:
     """``y = x2 @ (qweight * scale).T + bias`` through cuBLAS on blocks of dequantized rows."""
     n, k = qweight.shape
-    rows = max(16, min(n, DEQUANT_BLOCK_BYTES // (k * x2.element_size())) // 16 * 16)
-    w = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        wb = dequantize_into(qweight[n0:n1], scale[n0:n1], w[:n1 - n0])
-        out = y if n1 - n0 == n else y[:, n0:n1]
-        if bias is None:
-            torch.mm(x2, wb.t(), out=out)
-        else:
-            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wb.t(), out=out)
-
-
-def _choose(key: tuple, triton_call, cublas_call, device: torch.device, reps: int = 5) -> str:
-    """Time both large-M paths on the call's own arguments (each overwrites the call's output) and keep
-    the faster for ``key`` from now on in this process."""
-    with torch.cuda.device(device):
-        times = {"triton": events_ms(triton_call, reps, warmup=1), "cublas": events_ms(cublas_call, reps, warmup=1)}
-    _path[key] = min(times, key=times.get)
-    return _path[key]
+    cublas_linear(x2, n, k, lambda n0, n1, out: dequantize_into(qweight[n0:n1], scale[n0:n1], out), bias, y)
 
 
 class Int8Matmul:
@@ -393,7 +241,7 @@ class Int8Matmul:
         self.aligned = tuple(p % 16 == 0 for p in self.tail)
         self.has_bias = bias is not None
         self.flags = {"HAS_BIAS": self.has_bias}
-        self.launchers: dict[tuple, _Launcher] = {}  # (x dtype, x stride, x aligned) -> GEMV launcher
+        self.launchers: dict[tuple, Launcher] = {}  # (x dtype, x stride, x aligned) -> GEMV launcher
         self.mms: dict[tuple, object] = {}  # (M bucket, x dtype, x strides, x aligned) -> GEMM launcher or "cublas"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,15 +252,15 @@ class Int8Matmul:
             return self._rows(x)
         y = torch.empty((*shape[:-1], self.n), dtype=x.dtype, device=self.device)
         xp, sx = x.data_ptr(), x.stride(-1)
-        if _INTERPRET:
+        if INTERPRET:
             c = {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
-            _int8_gemv_kernel[_grid(c)(1, self.n)](*self._tensors(x, y, _scratch_for(self.device)), sx, **self.flags, **c)
+            _int8_gemv_kernel[launch_grid(c)(1, self.n)](*self._tensors(x, y, scratch_for(self.device)), sx, **self.flags, **c)
             return y
         launch = self.launchers.get((x.dtype, sx, xp % 16 == 0))
         if launch is None:
             return self._first(x, y)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        scratch = SCRATCH.get((self.index, stream)) or scratch_at(self.index, stream, self.device)
         launch((launch.row_grid, launch.split, 1), stream, (xp, *self.tail, y.data_ptr(), *scratch.ptrs, self.n, self.k, sx, self.has_bias),
                lambda: (*self._tensors(x, y, scratch), sx, self.has_bias))
         return y
@@ -421,9 +269,9 @@ class Int8Matmul:
         n, k = self.n, self.k
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        if _INTERPRET or m == 0:
+        if INTERPRET or m == 0:
             return int8_linear(x, self.qweight, self.scale, self.bias)
-        xs, bucket = x2.stride(), _bucket(m)
+        xs, bucket = x2.stride(), bucket_of(m)
         path = self.mms.get((bucket, x.dtype, xs, x2.data_ptr() % 16 == 0))
         if path is None:
             return self._first_rows(x, x2, m)
@@ -432,7 +280,7 @@ class Int8Matmul:
             _cublas_linear(x2, self.qweight, self.scale, self.bias, y)
             return y.reshape(*x.shape[:-1], n)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        scratch = _scratch.get((self.index, stream)) or _scratch_at(self.index, stream, self.device)
+        scratch = SCRATCH.get((self.index, stream)) or scratch_at(self.index, stream, self.device)
         ints = (m, n, k, bucket, xs[0], xs[1], k, 1, n, 1, self.has_bias, x.dtype == torch.float32)
         path(path.grid(m, n), stream, (x2.data_ptr(), *self.tail, y.data_ptr(), *scratch.ptrs, *ints),
              lambda: (x2, self.qweight, self.scale, self.bias if self.has_bias else self.scale, y, scratch.parts, scratch.counts, *ints))
@@ -443,11 +291,11 @@ class Int8Matmul:
         the output on the way."""
         y = int8_linear(x, self.qweight, self.scale, self.bias)
         pkey = _path_key(x2, self.qweight, self.scale, self.bias)
-        if m >= LARGE_M and pkey not in _path:  # called during a CUDA-graph capture: chosen later
+        if m >= LARGE_M and pkey not in PATHS:  # called during a CUDA-graph capture: chosen later
             return y
         key = _mm_key(x2, self.qweight, self.scale, self.bias, y.reshape(m, self.n))
-        path = "cublas" if m >= LARGE_M and _path[pkey] == "cublas" else _compiled[key]
-        self.mms[(_bucket(m), x.dtype, x2.stride(), x2.data_ptr() % 16 == 0)] = path
+        path = "cublas" if m >= LARGE_M and PATHS[pkey] == "cublas" else LAUNCHERS[key]
+        self.mms[(bucket_of(m), x.dtype, x2.stride(), x2.data_ptr() % 16 == 0)] = path
         return y
 
     def _tensors(self, x, y, scratch) -> tuple:
@@ -459,21 +307,21 @@ class Int8Matmul:
         sx, xa = x.stride(-1), x.data_ptr() % 16 == 0
         key = ("gemv", x.dtype, self.scale.dtype, self.bias.dtype if self.has_bias else None, self.n, self.k, sx, xa,
                self.aligned, self.index)
-        args = [*self._tensors(x, y, _scratch_for(self.device)), sx]
-        done = key in _compiled
-        self.launchers[(x.dtype, sx, xa)] = _tuned_launcher(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, self.flags, 1, self.n,
+        args = [*self._tensors(x, y, scratch_for(self.device)), sx]
+        done = key in LAUNCHERS
+        self.launchers[(x.dtype, sx, xa)] = tuned_launcher(_int8_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args, self.flags, 1, self.n,
                                                             f"gemv N={self.n} K={self.k} {x.dtype}")
         return self(x) if done else y
 
 
 def _mm_key(x2, qweight, scale, bias, y) -> tuple:
     tensors = (x2, qweight, scale, bias if bias is not None else scale)
-    return (x2.dtype, scale.dtype, None if bias is None else bias.dtype, _bucket(x2.shape[0]), tuple(qweight.shape), x2.stride(),
+    return (x2.dtype, scale.dtype, None if bias is None else bias.dtype, bucket_of(x2.shape[0]), tuple(qweight.shape), x2.stride(),
             qweight.stride(), y.stride(), tuple(t.data_ptr() % 16 == 0 for t in tensors), x2.device.index)
 
 
 def _path_key(x2, qweight, scale, bias) -> tuple:
-    return (_bucket(x2.shape[0]), tuple(qweight.shape), x2.dtype, scale.dtype, None if bias is None else bias.dtype, x2.device.index)
+    return (bucket_of(x2.shape[0]), tuple(qweight.shape), x2.dtype, scale.dtype, None if bias is None else bias.dtype, x2.device.index)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -488,32 +336,32 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    scratch = _scratch_for(x.device)
-    bucket = _bucket(m)
+    scratch = scratch_for(x.device)
+    bucket = bucket_of(m)
     b = bias if bias is not None else scale
     tensors = [x2, qweight, scale, b, y, scratch.parts, scratch.counts]
     ints = [m, n, k, bucket, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1)]
     flags = {"HAS_BIAS": bias is not None, "IEEE": x.dtype == torch.float32}
-    if _INTERPRET:
-        _int8_mm_kernel[_grid(_INTERPRET_CONFIG)(m, n)](*tensors, *ints, **flags, **_INTERPRET_CONFIG)
+    if INTERPRET:
+        _int8_mm_kernel[launch_grid(_INTERPRET_CONFIG)(m, n)](*tensors, *ints, **flags, **_INTERPRET_CONFIG)
         return y.reshape(*x.shape[:-1], n)
     key = _mm_key(x2, qweight, scale, bias, y)
-    launch = _compiled.get(key)
+    launch = LAUNCHERS.get(key)
     stream = torch._C._cuda_getCurrentRawStream(x2.device.index)
     run = lambda: launch(launch.grid(m, n), stream, (*[t.data_ptr() for t in tensors], *ints, *flags.values()),  # noqa: E731
                          lambda: (*tensors, *ints, *flags.values()))
     done = launch is None  # a first call tunes the kernel, which computes y on the way
     if done:
-        launch = _tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
+        launch = tuned_launcher(_int8_mm_kernel, _tuned, _CONSTS, key, tensors + ints, flags, m, n, f"mm M<={bucket} N={n} K={k} {x.dtype}")
     path = "triton"
     if m >= LARGE_M and qweight.stride() == (k, 1):
         pkey = _path_key(x2, qweight, scale, bias)
-        path = _path.get(pkey)
+        path = PATHS.get(pkey)
         if path is None:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: chosen at a later call
                 path = "triton"
             else:
-                path, done = _choose(pkey, run, lambda: _cublas_linear(x2, qweight, scale, bias, y), x2.device), False
+                path, done = choose_path(pkey, run, lambda: _cublas_linear(x2, qweight, scale, bias, y), x2.device), False
     if path == "cublas":
         _cublas_linear(x2, qweight, scale, bias, y)
     elif not done:
