@@ -198,7 +198,8 @@ def test_importance_weighs_the_error(spec):
 
     weighted, plain = errors(imp), errors(None)
     assert weighted[0] < 0.9 * plain[0] and weighted[1] > plain[1], (weighted, plain)
-    assert all(torch.equal(a, b) for a, b in zip(s.quantize(w).values(), s.quantize(w, None).values()))
+    # equal importance everywhere is plain squared error
+    assert all(torch.equal(a, b) for a, b in zip(s.quantize(w).values(), s.quantize(w, torch.ones(256)).values()))
 
 
 def test_int8_groups_end_to_end(tiny_llama, tmp_path):
@@ -236,3 +237,19 @@ def test_cpu_kernel_path(tmp_path):
             else:
                 assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
         assert ("_int4pack" in layer.__dict__) == fits
+
+
+def test_default_recipe_gives_embedding_and_values_finer_groups(tiny_llama, tmp_path):
+    """By default the input embedding and the attention value projections take half the group size, the
+    other int4 weights the scheme's; ``quantize_all`` quantizes every weight with the scheme as given."""
+    from codecllm.format import CllmFile
+
+    def group_sizes(**kw):
+        out = tmp_path / f"r{len(kw)}.cllm"
+        codecllm.convert(tiny_llama, out, quant="int4", group_size=64, **kw)
+        with CllmFile(out) as f:
+            return {n: r.scheme.params.get("group_size") for n, r in f.doc.tensors.items() if r.scheme.id == "int4"}
+
+    finer = {n for n, g in group_sizes().items() if g == 32}
+    assert finer == {"model.embed_tokens.weight"} | {f"model.layers.{i}.self_attn.v_proj.weight" for i in range(3)}
+    assert set(group_sizes(quantize_all=True).values()) == {64}

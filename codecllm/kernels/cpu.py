@@ -15,7 +15,7 @@ the weight itself costs ~7e-3 on Gaussian weights). Deterministic run to run, an
 does not depend on the other rows of the batch.
 
 int4 (``int4_linear``): ``aten._weight_int4pack_mm_for_cpu``, bf16 activations, on codes repacked once
-into its tiled layout (``int4_pack``) with its scale/offset pairs, ``w = (q - 8) * scale + offset``, in
+into its tiled layout (``int4_pack_codes``) with its scale/offset pairs, ``w = (q - 8) * scale + offset``, in
 bf16: ours are ``w = (q - zero) * scale``, so ``offset = (8 - zero) * scale`` (rounding scale and offset to
 bf16 moves a weight by about 0.2% of its group's step size, well under int4's own rounding). It takes N a
 multiple of 16 and K of the group size and of 32; other weights are dequantized per call.
@@ -72,20 +72,22 @@ def int4_fits(n: int, k: int, group_size: int) -> bool:
     return n % INT4_N_MULTIPLE == 0 and k % INT4_K_MULTIPLE == 0 and k % group_size == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-def int4_pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's operands for packed codes ``qweight`` (uint8 ``[N, K / 2]``, the even column in the low
-    nibble) and fp16 ``scale``, ``zero`` ``[N, groups]``: its tiled codes and bf16 ``[groups, N, 2]``
-    (scale, offset) pairs."""
-    n = qweight.shape[0]
-    codes = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, -1).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+def int4_pack_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """Packed codes ``qweight`` (uint8 ``[N, K / 2]``, the even column in the low nibble) in the kernel's
+    tiled layout."""
+    codes = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1).to(torch.int32)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+
+
+def int4_pairs(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The kernel's bf16 ``[groups, N, 2]`` (scale, offset) pairs for fp16 ``scale``, ``zero`` ``[N, groups]``."""
     s, z = scale.to(torch.float32), zero.to(torch.float32)
-    pairs = torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
-    return packed, pairs
+    return torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` on the CPU in ``x``'s dtype, ``W`` given by ``int4_pack``'s operands."""
+    """``x @ W.T + bias`` on the CPU in ``x``'s dtype, ``W`` given by the kernel's operands (``int4_pack_codes``,
+    ``int4_pairs``)."""
     k = x.shape[-1]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16).contiguous(), packed, group_size, pairs)
     y = y.to(x.dtype)

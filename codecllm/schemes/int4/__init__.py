@@ -200,24 +200,32 @@ class Int4Linear(QLinear):
         kept = self.__dict__.get("_int4pack")
         if kept is not None and kept[0] is parts["qweight"]:
             return kept[1]
-        packed = self._pack(parts)
-        if packed is not None:
-            self.__dict__["_int4pack"] = (parts["qweight"], packed)
+        pairs = self._pairs(parts)
+        if pairs is None:
+            return None
+        packed = (cpu_kernels.int4_pack_codes(parts["qweight"]), pairs)
+        self.__dict__["_int4pack"] = (parts["qweight"], packed)
         return packed
 
-    def _pack(self, parts):
-        q = parts["qweight"]
-        if not cpu_kernels.int4_fits(q.shape[0], 2 * q.shape[1], self.scheme.group_size):  # (Conv1D's codes too are [out, in / 2])
-            return None
-        return cpu_kernels.int4_pack(q, parts["scale"], parts["zero"])
+    def _pairs(self, parts):
+        """The kernel's (scale, offset) pairs, made once, or None where the kernel does not take the weight."""
+        pairs = self.__dict__.get("_int4pairs")
+        if pairs is None:
+            q = parts["qweight"]
+            if not cpu_kernels.int4_fits(q.shape[0], 2 * q.shape[1], self.scheme.group_size):  # (Conv1D's codes too are [out, in / 2])
+                return None
+            pairs = self.__dict__["_int4pairs"] = cpu_kernels.int4_pairs(parts["scale"], parts["zero"])
+        return pairs
 
 
 class Int4StreamLinear(CpuStream, Int4Linear):
-    """The int4 codes stay compressed and are decoded on each call (CPU stream mode), and repacked for the
-    kernel at each small-M call (about 3.5x cheaper than dequantizing them): results equal resident mode's."""
+    """The int4 codes stay compressed and are decoded on each call (CPU stream mode); at small M they are
+    repacked for the kernel at each call (about 3.5x cheaper than dequantizing them; the scale/offset
+    pairs, resident, are made once): results equal resident mode's."""
 
     def _packed(self, parts):
-        return self._pack(parts)
+        pairs = self._pairs(parts)
+        return None if pairs is None else (cpu_kernels.int4_pack_codes(parts["qweight"]), pairs)
 
 
 class Int4Embedding(QEmbedding):
