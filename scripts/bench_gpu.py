@@ -1,9 +1,11 @@
 """GPU benchmark: a Llama with random fp16 weights, TinyLlama-shaped or "L8x4" (Llama-3-8B's shapes, 4
 decoder layers, untied 128,256-token head), as fp16, as torchao int8 weight-only (a peer, benchmark-only
-dependency) and as int8 .cllm (resident and stream, each in-memory codec), each eager or compiled
-(``+compile``), all in one run.
+dependency) and as int8 .cllm (resident and stream, each in-memory codec) or int4 .cllm (an ``int4-``
+prefix: every weight int4, groups of 64, no recipe exceptions), each eager or compiled (``+compile``), all
+in one run.
 
     python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,torchao,torchao+compile,resident,resident+compile
+    python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,int4-resident,int4-resident+compile
     python scripts/bench_gpu.py [--workdir DIR] [--new-tokens 128] [--out benchmarks/results/gpu.json]
 
 Measures per variant: a) generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay of a
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import MODELS, write_checkpoint  # noqa: E402
 
 import codecllm  # noqa: E402
+from codecllm.qmodules import QuantizedWeight  # noqa: E402
 from codecllm.gpu.graphs import capture, events_ms  # noqa: E402,F401  (events_ms: also for bench_kernel.py)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,9 +190,10 @@ def environment() -> dict:
     }
 
 
-def load_variant(name: str, src: Path, cllm: Path):
+def load_variant(name: str, src: Path, cllm: Path, cllm4: Path | None = None):
     """``fp16`` (transformers), ``torchao`` (int8 weight-only, torchao's ``quantize_``), or a codecllm mode
-    (``resident``, ``stream-ans``, ``stream-zstd``); a ``+compile`` suffix is taken off by the caller."""
+    (``resident``, ``stream-ans``, ``stream-zstd``) of the int8 file, or of the int4 file ``cllm4`` with an
+    ``int4-`` prefix; a ``+compile`` suffix is taken off by the caller."""
     from transformers import AutoModelForCausalLM
 
     if name in ("fp16", "torchao"):
@@ -199,6 +203,8 @@ def load_variant(name: str, src: Path, cllm: Path):
 
             quantize_(model, Int8WeightOnlyConfig())
         return model
+    if name.startswith("int4-"):
+        name, cllm = name.removeprefix("int4-"), cllm4
     mode, _, codec = name.partition("-")
     return codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
 
@@ -212,7 +218,8 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--variants", default="fp16,resident,stream-ans,stream-zstd,fp16",
-                    help="fp16, torchao, resident, stream-ans, stream-zstd, each optionally with +compile")
+                    help="fp16, torchao, resident, stream-ans, stream-zstd (int8, or int4 with an int4- prefix), "
+                         "each optionally with +compile")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     ap.add_argument("--profile-step", action="store_true", help="record where the decode step's time goes, per kernel")
     ap.add_argument("--peers-step-only", action="store_true",
@@ -231,6 +238,15 @@ def main() -> None:
         result["conversion"] = {"seconds": time.perf_counter() - t, "file_bytes": out.stat().st_size,
                                 "quantized": summary.to_json()["quantized_weights"]}
         print(f"converted in {result['conversion']['seconds']:.1f} s: {out.stat().st_size / 1e9:.3f} GB", flush=True)
+        out4 = None
+        if any(v.startswith("int4-") for v in args.variants.split(",")):
+            t = time.perf_counter()
+            out4 = Path(tmp) / f"{args.model}-int4.cllm"
+            summary4 = codecllm.convert(src, out4, quant="int4", group_size=64, quantize_all=True)
+            result["conversion_int4"] = {"seconds": time.perf_counter() - t, "file_bytes": out4.stat().st_size,
+                                         "quantized": summary4.to_json()["quantized_weights"]}
+            print(f"int4: converted in {result['conversion_int4']['seconds']:.1f} s: {out4.stat().st_size / 1e9:.3f} GB",
+                  flush=True)
         if any(v.startswith("stream") for v in args.variants.split(",")):
             try:
                 result["decode_throughput"] = decode_throughput(out)
@@ -247,10 +263,16 @@ def main() -> None:
             try:
                 t = time.perf_counter()
                 base_name, _, compile_flag = name.partition("+")
-                model = load_variant(base_name, src, out)
+                model = load_variant(base_name, src, out, out4)
                 torch.cuda.synchronize()
                 row["load_s"] = time.perf_counter() - t
                 row["weight_bytes"] = torch.cuda.memory_allocated() - base
+                # the weights less the input embedding and the norms: the Linear weights (and their scales)
+                emb = model.get_input_embeddings()
+                small = [emb] + [m for n, m in model.named_modules() if n.endswith("norm") or "layernorm" in n]
+                row["linear_weight_bytes"] = row["weight_bytes"] - sum(
+                    t.numel() * t.element_size() for m in small for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+                    if not isinstance(t, QuantizedWeight))  # a stand-in's weight: its shape, no storage of its own
                 print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB", flush=True)
                 # zstd decodes at about a tenth of ANS's speed: fewer tokens keep the run short
                 slow = base_name == "stream-zstd"
@@ -293,17 +315,17 @@ def report(result: dict) -> None:
         return {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant" and k in fp16[-1]} if fp16 else {}
 
     refs = {False: fp16_ref(False), True: fp16_ref(True)}
-    cols = [("weight_bytes", "weights GB", 1e9, False), ("a_generate_ms_per_token", "a) ms/tok", 1, True),
+    cols = [("weight_bytes", "weights GB", 1e9, False), ("linear_weight_bytes", "Linear GB", 1e9, False), ("a_generate_ms_per_token", "a) ms/tok", 1, True),
             ("a_peak_gpu_bytes", "a) peak GB", 1e9, False), ("b_graph_decode_step_ms", "b) step ms", 1, True),
             ("b_graph_forward16_ms", "b) graph16 ms", 1, True),
             ("c_prefill2048_ms", "c) prefill ms", 1, True), ("d_batch16_tokens_per_s", "d) b16 tok/s", 1, False),
             ("d_batch64_tokens_per_s", "d) b64 tok/s", 1, False)]
     print(f"\n{result['environment']['gpu']}, torch {result['environment']['torch']}, nvCOMP {result['environment']['nvcomp']}")
-    print(f"{'variant':<19}" + "".join(f"{c[1]:>15}" for c in cols))
+    print(f"{'variant':<23}" + "".join(f"{c[1]:>15}" for c in cols))
     print("(ratios: against fp16 compiled for +compile rows, fp16 eager otherwise; weights and peak: fraction of fp16)")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<19}  error: {r['error'][:100]}")
+            print(f"{r['variant']:<23}  error: {r['error'][:100]}")
             continue
         ref = refs[r["variant"].endswith("+compile")]
         cells = []
@@ -312,9 +334,9 @@ def report(result: dict) -> None:
             rel = ""
             if key in ref and v:
                 x = ref[key] / v if lower_better else v / ref[key]
-                rel = f" {x:.2f}x" if key not in ("weight_bytes", "a_peak_gpu_bytes") else f" {v / ref[key]:.2f}"
+                rel = f" {x:.2f}x" if key not in ("weight_bytes", "linear_weight_bytes", "a_peak_gpu_bytes") else f" {v / ref[key]:.2f}"
             cells.append(f"{v / div:.3f}{rel}" if v is not None else "-")
-        print(f"{r['variant']:<19}" + "".join(f"{c:>15}" for c in cells))
+        print(f"{r['variant']:<23}" + "".join(f"{c:>15}" for c in cells))
     for codec, d in result.get("decode_throughput", {}).items():
         print(f"whole-model decode, {codec}: {d['decoded_bytes'] / 1e9:.3f} GB in {d['ms']:.2f} ms = {d['GBps']:.0f} GB/s "
               f"(ratio {d['decoded_bytes'] / d['compressed_bytes']:.3f}x)")
