@@ -112,8 +112,8 @@ class ModelPlan:
         chosen_override = [s for pat, s in overrides if any(fnmatch.fnmatchcase(m, pat) for m, _ in modules)]
         if chosen_override:
             scheme = chosen_override[-1]
-            if scheme.lossless:
-                return None
+            if scheme.lossless:  # stores any tensor as it is
+                return scheme
         elif not quantize_sensitive and any(n in self.sensitive for n in group):
             return None
         elif not quantize_sensitive and any(n in self.finer for n in group):

@@ -66,7 +66,7 @@ class _SizeType(click.ParamType):
 @click.argument("source", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .cllm file to write.")
 @click.option("--quant", type=click.Choice(scheme_ids()), default=default_scheme_id(), show_default=True,
-              help="Quantization scheme of Linear, Conv1D and Embedding weights (none: bit-exact).")
+              help="Quantization scheme of Linear, Conv1D and Embedding weights (lossless: every tensor bit-exact, entropy-coded in byte planes; none: bit-exact, the bytes entropy-coded as they are).")
 @click.option("--group-size", type=int, default=None, help="Weights per scale of a grouped scheme (int4: 32, 64 or 128; default 64).")
 @click.option("--quant-override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
               help="Scheme for modules matching PATTERN (repeatable; the last match wins, also over the exact edge down_proj; "

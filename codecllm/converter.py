@@ -104,11 +104,9 @@ class Summary:
 
 
 def _entropy_bytes(data: np.ndarray) -> float:
-    counts = np.zeros(256, dtype=np.float64)
-    for start in range(0, len(data), 1 << 22):  # bincount widens to int64: keep that copy small
-        counts += np.bincount(data[start:start + (1 << 22)], minlength=256)
+    counts = torch.bincount(torch.from_numpy(data), minlength=256).to(torch.float64)  # (uint8: no widened copy)
     p = counts[counts > 0] / max(len(data), 1)
-    return float(-(p * np.log2(p)).sum() * len(data) / 8)
+    return float(-(p * torch.log2(p)).sum()) * len(data) / 8
 
 
 class _DataWriter:
@@ -137,26 +135,31 @@ class _Coding:
     options: dict
 
 
-def _encode_part(rec_name: str, part_name: str, tensor_name: str, t: torch.Tensor, coding: _Coding, writer: _DataWriter) -> tuple[Part, int, float]:
+def _encode_part(rec_name: str, part_name: str, tensor_name: str, t: torch.Tensor, coding: _Coding, writer: _DataWriter,
+                 entropy: bool = False) -> tuple[Part, int, float | None]:
     """Store one part: through the codec where that saves bytes, else raw. Returns the part, its stored
-    size and the order-0 entropy bound of its bytes."""
+    size and, with ``entropy``, the order-0 entropy bound of its bytes."""
     raw = t.contiguous().view(torch.uint8).reshape(-1).numpy()
     codec = get_codec(coding.codec)
     pieces = codec.encode(memoryview(raw), coding.chunk_size, **coding.options) if codec.chunked else None
     if pieces is None or sum(len(p) for p in pieces) >= raw.nbytes:  # incompressible: an ordinary tensor
-        codec, pieces = get_codec("raw"), [raw.tobytes()]
-    digest = hashlib.sha256()
-    for p in pieces:
-        digest.update(p)
+        codec, pieces = get_codec("raw"), [memoryview(raw)]
     dtype = dtype_name(t.dtype)
     if codec.chunked:
         stored = writer.add(tensor_name, "U8", (sum(len(p) for p in pieces),), pieces)
     else:
         stored = writer.add(tensor_name, dtype, tuple(t.shape), pieces)
     decoded = sha256(raw)
-    part = Part(part_name, dtype, tuple(t.shape), tensor_name, codec.id, digest.hexdigest() if codec.chunked else decoded, decoded,
+    if codec.chunked:
+        digest = hashlib.sha256()
+        for p in pieces:
+            digest.update(p)
+        stored_digest = digest.hexdigest()
+    else:
+        stored_digest = decoded  # the stored bytes are the part's
+    part = Part(part_name, dtype, tuple(t.shape), tensor_name, codec.id, stored_digest, decoded,
                 coding.chunk_size if codec.chunked else None, [len(p) for p in pieces] if codec.chunked else [])
-    return part, stored, _entropy_bytes(raw)
+    return part, stored, _entropy_bytes(raw) if entropy else None
 
 
 def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme, coding: _Coding, writer: _DataWriter,
@@ -170,9 +173,11 @@ def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme,
         if (dtype_name(t.dtype), tuple(t.shape)) != (spec.dtype, spec.shape):
             raise CodecLLMError(f"scheme {scheme!r} produced {pname} as {t.dtype} {list(t.shape)}, its layout says {spec}")
         tname = stored_name if pname == scheme.main_part else f"{stored_name}#{pname}"
-        rec.parts[pname], stored, ent = _encode_part(name, pname, tname, t, coding, writer)
+        # the order-0 bound: of the main part (the others count as stored), or of every plane of a lossless scheme
+        bound = scheme.lossless or pname == scheme.main_part
+        rec.parts[pname], stored, ent = _encode_part(name, pname, tname, t, coding, writer, entropy=bound)
         out += stored
-        entropy += ent if pname == scheme.main_part else stored
+        entropy += ent if bound else stored
     main = rec.main
     summary = TensorSummary(name, list(w.shape), rec.dtype, repr(scheme), main.codec, len(main.chunks), w.numel() * w.element_size(),
                             rec.encoded_nbytes, int(out), entropy, scheme.lossless)
@@ -210,7 +215,8 @@ def convert(
     >>> summary.to_json()["totals"]["bytes_out"]                          # doctest: +SKIP
 
     ``quant`` (the default scheme if None) is the scheme for the weights of the modules some scheme stands in for (Linear, Conv1D,
-    Embedding); every other tensor is stored bit-exact. By default the MLP output projections of the
+    Embedding); every other tensor is stored bit-exact (in ``lossless``'s byte planes when ``quant`` is
+    ``lossless``, else as its bytes: ``none``). By default the MLP output projections of the
     first and last blocks stay unquantized (see ``architecture._edge_outputs``) and a grouped scheme gives
     the input embedding and the attention value projections half its group size (``Scheme.finer``);
     ``quantize_all=True`` quantizes every weight with the scheme as given. ``skip`` holds glob patterns of module names to keep unquantized (a pattern that
@@ -243,7 +249,8 @@ def convert(
     tensors: dict[str, Record] = {}
     files: dict[str, Record] = {}
     aliases: dict[str, str] = {}
-    lossless = get_scheme("none")
+    plain = get_scheme("none")  # embedded files
+    exact = scheme if scheme.lossless else plain  # the tensors no lossy scheme stores
     for name, t in ckpt.tensors.items():
         want = model_plan.shapes.get(name)
         if want is not None and tuple(t.entry.shape) != want:
@@ -272,7 +279,7 @@ def convert(
             writer = _DataWriter(data_file)
             for fname, fpath in ckpt.embedded_files().items():
                 blob = torch.from_numpy(np.frombuffer(fpath.read_bytes(), dtype=np.uint8).copy())
-                rec, _ = _encode_record(blob, fname, FILE_PREFIX + fname, lossless, coding, writer)
+                rec, _ = _encode_record(blob, fname, FILE_PREFIX + fname, plain, coding, writer)
                 files[fname] = rec
             if "config.json" not in files:
                 raise SourceError(f"{ckpt.dir}: config.json could not be embedded")
@@ -283,7 +290,7 @@ def convert(
                     aliases[name] = stored_peer
                     continue
                 w = ckpt.read(name)
-                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all, override_schemes) or lossless
+                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all, override_schemes) or exact
                 imp = next((importance[n] for n in group if n in importance), None)
                 rec, ts = _encode_record(w, name, name, chosen, coding, writer, imp)
                 tensors[name] = rec

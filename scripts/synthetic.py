@@ -1,5 +1,5 @@
-"""A TinyLlama-shaped Llama checkpoint with random fp16 weights, written shard by shard (never whole in
-memory), for the benchmarks. Random weights compress like real int8 weights do (about 1.1x after int8)."""
+"""A TinyLlama-shaped Llama checkpoint with random weights (normal, std 0.02, in the config's dtype: fp16
+by default), written shard by shard (never whole in memory), for the benchmarks. Random weights compress like real int8 weights do (about 1.1x after int8)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def write_checkpoint(directory: Path, cfg: dict = TINYLLAMA, shard_bytes: int = 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, cfg.get("dtype", "float16"))
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     size, index = 0, 0
@@ -62,13 +63,13 @@ def write_checkpoint(directory: Path, cfg: dict = TINYLLAMA, shard_bytes: int = 
 
     for name, shape in shapes(cfg).items():
         if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.float16)
+            t = torch.ones(shape, dtype=dtype)
         else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
-        if size + t.numel() * 2 > shard_bytes:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        if size + t.nbytes > shard_bytes:
             flush()
         shard[name] = t
-        size += t.numel() * 2
+        size += t.nbytes
     flush()
     total = sum(t.stat().st_size for t in directory.glob("*.safetensors"))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))

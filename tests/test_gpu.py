@@ -364,3 +364,27 @@ def test_compiled_stream_model(tmp_path):
         torch._dynamo.reset()
         with pytest.raises(Exception, match=STREAM_EAGER[:40]):
             torch.compile(model, fullgraph=True)(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_lossless_model_on_gpu_is_bit_exact(tmp_path, dtype, mode):
+    """A ``lossless`` file's planes decode on the GPU (nvCOMP, then the scheme's recombination in torch) into
+    every weight of the original, bit for bit, and the model computes what transformers' own CUDA model
+    of the checkpoint computes."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import llama_config, save_tiny
+
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2), dtype=dtype)
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="lossless")
+    model = codecllm.load(out, device="cuda", mode=mode, dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to("cuda").eval()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert got[name].dtype == dtype and torch.equal(got[name].view(torch.uint8 if dtype != torch.float32 else torch.int32),
+                                                         p.view(torch.uint8 if dtype != torch.float32 else torch.int32)), name
+    ids = torch.randint(0, 256, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -60,12 +60,17 @@ class CudaBackend:
     def reserve(self, records: list[Record], streamed: set[str]) -> None:
         """Arenas for what is decoded at load: the main parts of the records not streamed, and every other
         part (scales of streamed layers included)."""
-        self.main = _Arena(self.device, sum(aligned(r.main.nbytes) for r in records if r.name not in streamed))
-        self.sides = _Arena(self.device, sum(aligned(p.nbytes) for r in records for p in r.parts.values() if p is not r.main))
+        kept = [r for r in records if not r.scheme.parts_are_scratch]
+        self.main = _Arena(self.device, sum(aligned(r.main.nbytes) for r in kept if r.name not in streamed))
+        self.sides = _Arena(self.device, sum(aligned(p.nbytes) for r in kept for p in r.parts.values() if p is not r.main))
 
     def read_part(self, rec: Record, part) -> torch.Tensor:
-        """One part decoded on the device, as its dtype and shape."""
-        out = (self.main if part is rec.main else self.sides).take(part.nbytes)
+        """One part decoded on the device, as its dtype and shape (in scratch memory where the weight is
+        rebuilt from its parts: ``Scheme.parts_are_scratch``)."""
+        if rec.scheme.parts_are_scratch:
+            out = torch.empty(part.nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            out = (self.main if part is rec.main else self.sides).take(part.nbytes)
         decoder(part.codec, "cuda")(self.f.read_stored(rec, part), part, out, rec.name)
         return out.view(torch_dtype(part.dtype)).reshape(part.shape)
 

@@ -38,6 +38,9 @@ class Scheme:
     default: ClassVar[bool] = False  # the converter's default scheme (exactly one registered scheme says so)
     weighs_inputs: ClassVar[bool] = False  # whether quantize() uses an importance (the converter estimates one only then)
     main_part: ClassVar[str] = "data"
+    # whether ``dequantize`` builds a new tensor that keeps none of the parts (a loader may then decode them
+    # into scratch memory, not beside the weights)
+    parts_are_scratch: ClassVar[bool] = False
     # float module class -> {backend: stand-in class, or "module:Class" imported on first use}
     modules: ClassVar[dict[type, dict[str, Any]]] = {}
 
@@ -184,4 +187,4 @@ def float_modules() -> tuple[type, ...]:
 
 
 # the schemes this package ships
-from . import int4, int8, none  # noqa: E402,F401
+from . import int4, int8, lossless, none  # noqa: E402,F401

@@ -1,0 +1,130 @@
+"""Lossless coding on the CPU: for a random-normal bf16 Llama (TinyLlama's shapes, ``--layers`` decoder
+layers, std 0.02) and SmolLM2-135M in fp16, the ``.cllm`` of ``--quant lossless`` against the
+checkpoint's safetensors size and against the order-0 entropy bound of its byte planes, compression and
+decompression speed on one core (one codec thread, one torch thread: MB of original tensor bytes per
+second), and a bit-for-bit check of every tensor. Prints a table and writes JSON.
+
+    python scripts/bench_lossless.py [--layers 2] [--out benchmarks/results/lossless_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import TINYLLAMA, write_checkpoint  # noqa: E402
+
+import codecllm  # noqa: E402
+from codecllm import codecs  # noqa: E402
+from codecllm.format import CllmFile  # noqa: E402
+from codecllm.source import Checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def entropy_bits(b: np.ndarray) -> float:
+    """Order-0 entropy of the bytes ``b``, in bits (all of them)."""
+    p = np.bincount(b, minlength=256) / max(b.size, 1)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum() * b.size)
+
+
+def planes(t: torch.Tensor) -> list[np.ndarray]:
+    """The byte planes whose order-0 entropy bounds a lossless coding of ``t`` by planes: for bfloat16 (and
+    float32's high half) the exponent and the sign with the mantissa, for float16 the high and the low byte
+    of each word, else every byte of an element apart."""
+    t = t.contiguous().reshape(-1)
+    if t.dtype in (torch.bfloat16, torch.float32):
+        x = (t.view(torch.int32) >> 16) if t.dtype == torch.float32 else t.view(torch.int16).to(torch.int32)
+        out = [((x >> 7) & 0xFF).to(torch.uint8).numpy(), (((x >> 8) & 0x80) | (x & 0x7F)).to(torch.uint8).numpy()]
+        if t.dtype == torch.float32:
+            low = t.view(torch.uint8).reshape(-1, 4)
+            out += [low[:, 0].numpy().copy(), low[:, 1].numpy().copy()]
+        return out
+    b = t.view(torch.uint8).reshape(-1, t.element_size()).numpy()
+    return [np.ascontiguousarray(b[:, i]) for i in range(b.shape[1])]
+
+
+def plane_bound(src: Path) -> float:
+    """The checkpoint's tensor bytes against their order-0 entropy by planes (``planes``), per tensor."""
+    ck = Checkpoint(src)
+    bits = size = 0
+    for name in ck.tensors:
+        t = ck.read(name)
+        bits += sum(entropy_bits(p) for p in planes(t))
+        size += t.nbytes
+    return size * 8 / bits
+
+
+def one_core():
+    torch.set_num_threads(1)
+    codecs._shared_pool = ThreadPoolExecutor(max_workers=1)
+
+
+def measure(name: str, src: Path, tmp: Path) -> dict:
+    out = tmp / f"{name}.cllm"
+    st = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    t = time.perf_counter()
+    summary = codecllm.convert(src, out, quant="lossless")
+    conv = time.perf_counter() - t
+    tensor_bytes = summary.to_json()["totals"]["bytes_in"]
+    ck = Checkpoint(src)
+    exact = True
+    t = time.perf_counter()
+    decoded = {}
+    with CllmFile(out) as f:
+        for rec in f.doc.tensors.values():
+            parts = {n: f.read_part(rec, p) for n, p in rec.parts.items()}
+            decoded[rec.name] = rec.scheme.dequantize(parts, None)
+    dec = time.perf_counter() - t
+    for n, w in decoded.items():
+        ref = ck.read(n)
+        exact &= w.dtype == ref.dtype and torch.equal(w.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8))
+    bound = plane_bound(src)
+    row = {"model": name, "safetensors_bytes": st, "cllm_bytes": out.stat().st_size, "ratio": st / out.stat().st_size,
+           "plane_entropy_bound": bound, "tensor_bytes": tensor_bytes, "compress_s": conv, "decompress_s": dec,
+           "compress_MBps_per_core": tensor_bytes / conv / 1e6, "decompress_MBps_per_core": tensor_bytes / dec / 1e6,
+           "bit_exact": bool(exact)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--no-smollm2", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lossless_cpu.json"))
+    args = ap.parse_args()
+    one_core()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = dict(TINYLLAMA, num_hidden_layers=args.layers, dtype="bfloat16")
+        rows.append(measure(f"random-normal bf16 Llama (TinyLlama shapes, {args.layers} layers)", write_checkpoint(tmp / "bf16", cfg), tmp))
+        if not args.no_smollm2:
+            from codecllm.examples import smollm2_checkpoint
+
+            rows.append(measure("SmolLM2-135M-Instruct fp16", smollm2_checkpoint(), tmp))
+    print(f"\n{'model':<52}{'ratio':>8}{'bound':>8}{'comp MB/s':>11}{'dec MB/s':>10}  exact")
+    for r in rows:
+        print(f"{r['model']:<52}{r['ratio']:>8.4f}{r['plane_entropy_bound']:>8.4f}{r['compress_MBps_per_core']:>11.0f}"
+              f"{r['decompress_MBps_per_core']:>10.0f}  {r['bit_exact']}")
+    result = {"machine": f"{platform.processor() or platform.machine()}, 1 core (one codec thread, one torch thread)",
+              "torch": torch.__version__, "codecllm": codecllm.__version__, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
