@@ -190,18 +190,24 @@ def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
 
 def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
     """The records stream mode keeps compressed: weights whose every module has a stream stand-in for the
-    record's scheme and whose main part is entropy-coded. The decode workspaces are as large as the
-    largest streamed weight, so two kinds stay resident: a weight far larger than the typical one (an
-    untied vocabulary projection) and, in a quantized model, a lossless weight larger than every
-    quantized one (a float layer kept for accuracy): either would grow the workspaces by more than its
-    compression saves."""
+    record's scheme, and either that stand-in keeps a compact form of its own (``_payload`` false: it is
+    built from the decoded parts at load) or the record's main part is entropy-coded. The decode
+    workspaces of the second kind are as large as the largest such weight, so two of them stay resident:
+    a weight far larger than the typical one (an untied vocabulary projection) and, in a quantized
+    model, a lossless weight larger than every quantized one (a float layer kept for accuracy): either
+    would grow the workspaces by more than its compression saves."""
     from .codecs import get_codec
 
-    candidates = {}
+    candidates, compact = {}, set()
     for name, mods in targets.items():
         rec = doc.tensors[name]
-        if get_codec(rec.main.codec).chunked and all(a == "weight" and rec.scheme.stand_in(m, f"{backend}-stream") for _, m, a in mods):
-            # (exact classes only: a subclass keeps its own forward)
+        # (exact classes only: a subclass keeps its own forward)
+        classes = [rec.scheme.stand_in(m, f"{backend}-stream", dtype=rec.dtype) if a == "weight" else None for _, m, a in mods]
+        if not all(classes):
+            continue
+        if not any(_payload(c) for c in classes):
+            compact.add(name)
+        elif get_codec(rec.main.codec).chunked:
             candidates[name] = rec.main.nbytes
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
@@ -209,7 +215,13 @@ def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
     lossy = [candidates[n] for n in ranked if not doc.tensors[n].scheme.lossless]
     if lossy:
         ranked = [n for n in ranked if candidates[n] <= max(lossy)]
-    return set(ranked)
+    return set(ranked) | compact
+
+
+def _payload(cls: type) -> bool:
+    """Whether stream stand-in ``cls`` keeps its record's main part as the backend hands it over (and
+    decodes it per use), rather than a form it builds from every decoded part."""
+    return hasattr(cls, "set_stream")
 
 
 def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: torch.dtype) -> None:
@@ -221,11 +233,12 @@ def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: t
         have = getattr(module, attr).shape
         if tuple(have) != rec.shape:
             raise FormatError(f"tensor {name!r} has shape {list(rec.shape)} in the file, {list(have)} in the model")
-    stand_ins = [rec.scheme.stand_in(m, key) if a == "weight" else None for _, m, a in targets]
-    parts = backend.read_parts(rec, skip=rec.scheme.main_part if stream else None)
+    stand_ins = [rec.scheme.stand_in(m, key, dtype=rec.dtype) if a == "weight" else None for _, m, a in targets]
+    payload = stream and any(c is not None and _payload(c) for c in stand_ins)
+    parts = backend.read_parts(rec, skip=rec.scheme.main_part if payload else None)
     dense = owner = None
     for (name, module, attr), cls in zip(targets, stand_ins):
-        base = rec.scheme.stand_in(module, backend.name, exact=False) if cls is None and attr == "weight" else None
+        base = rec.scheme.stand_in(module, backend.name, exact=False, dtype=rec.dtype) if cls is None and attr == "weight" else None
         if base is not None and issubclass(base, QEmbedding) and not stream:
             # an Embedding subclass (Gemma's scaled embedding) keeps its forward; its weight is the
             # stand-in's, whose lookup gathers rows (a Linear subclass would dequantize per call: it gets a
@@ -246,7 +259,7 @@ def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: t
                 module._buffers[attr] = dense
             continue
         new = cls.from_float(module, rec.scheme, parts, dtype, backend.device)
-        if stream:
+        if payload:
             backend.stream(new, rec)
         if owner is None:
             owner = new

@@ -2,10 +2,13 @@
 decoder layers, untied 128,256-token head), as fp16, as torchao int8 weight-only (a peer, benchmark-only
 dependency) and as int8 .cllm (resident and stream, each in-memory codec) or int4 .cllm (an ``int4-``
 prefix: every weight int4, groups of 64, no recipe exceptions), each eager or compiled (``+compile``), all
-in one run.
+in one run. With ``--dtype bfloat16`` the checkpoint is bfloat16; ``bf16`` is then the dense reference and
+the ``lossless-`` prefix loads the ``--quant lossless`` file (``lossless-resident``: decoded at load;
+``lossless-stream``: Linear weights exponent-coded, 12 bits per weight).
 
     python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,torchao,torchao+compile,resident,resident+compile
     python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,int4-resident,int4-resident+compile
+    python scripts/bench_gpu.py --model l8x4 --dtype bfloat16 --variants bf16,lossless-resident,lossless-stream
     python scripts/bench_gpu.py [--workdir DIR] [--new-tokens 128] [--out benchmarks/results/gpu.json]
 
 Measures per variant: a) generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay of a
@@ -190,21 +193,29 @@ def environment() -> dict:
     }
 
 
-def load_variant(name: str, src: Path, cllm: Path, cllm4: Path | None = None):
-    """``fp16`` (transformers), ``torchao`` (int8 weight-only, torchao's ``quantize_``), or a codecllm mode
-    (``resident``, ``stream-ans``, ``stream-zstd``) of the int8 file, or of the int4 file ``cllm4`` with an
-    ``int4-`` prefix; a ``+compile`` suffix is taken off by the caller."""
+DENSE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_variant(name: str, src: Path, files: dict[str, Path]):
+    """``fp16`` or ``bf16`` (transformers), ``torchao`` (int8 weight-only, torchao's ``quantize_``), or a
+    codecllm mode (``resident``, ``stream-ans``, ``stream-zstd``) of the int8 file, or with a prefix
+    (``int4-``, ``lossless-``) of that scheme's file in ``files``; a ``+compile`` suffix is taken off by the
+    caller."""
     from transformers import AutoModelForCausalLM
 
-    if name in ("fp16", "torchao"):
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).to(DEV).eval()
+    if name in (*DENSE, "torchao"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=DENSE.get(name, torch.float16)).to(DEV).eval()
         if name == "torchao":  # a benchmark-only dependency
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
             quantize_(model, Int8WeightOnlyConfig())
         return model
-    if name.startswith("int4-"):
-        name, cllm = name.removeprefix("int4-"), cllm4
+    family, _, rest = name.partition("-")
+    if family in ("int4", "lossless"):
+        name = rest
+    else:
+        family = "int8"
+    cllm = files[family]
     mode, _, codec = name.partition("-")
     return codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
 
@@ -218,14 +229,18 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--variants", default="fp16,resident,stream-ans,stream-zstd,fp16",
-                    help="fp16, torchao, resident, stream-ans, stream-zstd (int8, or int4 with an int4- prefix), "
-                         "each optionally with +compile")
+                    help="fp16, bf16, torchao, resident, stream-ans, stream-zstd (int8, or int4 or lossless with an int4- or "
+                         "lossless- prefix), each optionally with +compile")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="the checkpoint's dtype")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     ap.add_argument("--profile-step", action="store_true", help="record where the decode step's time goes, per kernel")
     ap.add_argument("--peers-step-only", action="store_true",
                     help="torchao: decode step and prefill only (its compiled generate() takes minutes to compile)")
     args = ap.parse_args()
-    cfg = dict(MODELS[args.model])
+    cfg = dict(MODELS[args.model], dtype=args.dtype)
+    variants = args.variants.split(",")
+    families = {"int4" if v.startswith("int4-") else "lossless" if v.startswith("lossless-") else "int8"
+                for v in variants if v.partition("+")[0] not in (*DENSE, "torchao")}
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
     batches = tuple(int(b) for b in args.batches.split(",") if b)
@@ -233,27 +248,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t = time.perf_counter()
         src = write_checkpoint(Path(tmp) / args.model, cfg)
-        out = Path(tmp) / f"{args.model}.cllm"
-        summary = codecllm.convert(src, out)
-        result["conversion"] = {"seconds": time.perf_counter() - t, "file_bytes": out.stat().st_size,
-                                "quantized": summary.to_json()["quantized_weights"]}
-        print(f"converted in {result['conversion']['seconds']:.1f} s: {out.stat().st_size / 1e9:.3f} GB", flush=True)
-        out4 = None
-        if any(v.startswith("int4-") for v in args.variants.split(",")):
+        files: dict[str, Path] = {}
+        for family, kw in (("int8", {}), ("int4", dict(quant="int4", group_size=64, quantize_all=True)), ("lossless", dict(quant="lossless"))):
+            if family not in families:
+                continue
             t = time.perf_counter()
-            out4 = Path(tmp) / f"{args.model}-int4.cllm"
-            summary4 = codecllm.convert(src, out4, quant="int4", group_size=64, quantize_all=True)
-            result["conversion_int4"] = {"seconds": time.perf_counter() - t, "file_bytes": out4.stat().st_size,
-                                         "quantized": summary4.to_json()["quantized_weights"]}
-            print(f"int4: converted in {result['conversion_int4']['seconds']:.1f} s: {out4.stat().st_size / 1e9:.3f} GB",
-                  flush=True)
+            out = files[family] = Path(tmp) / f"{args.model}-{family}.cllm"
+            summary = codecllm.convert(src, out, **kw)
+            key = "conversion" if family == "int8" else f"conversion_{family}"
+            result[key] = {"seconds": time.perf_counter() - t, "file_bytes": out.stat().st_size,
+                           "quantized": summary.to_json()["quantized_weights"]}
+            print(f"{family}: converted in {result[key]['seconds']:.1f} s: {out.stat().st_size / 1e9:.3f} GB", flush=True)
+        out = files.get("int8")
         if any(v.startswith("stream") for v in args.variants.split(",")):
             try:
                 result["decode_throughput"] = decode_throughput(out)
             except Exception as e:  # keep measuring the rest
                 result["errors"]["decode_throughput"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-        for name in args.variants.split(","):
+        for name in variants:
             gc.collect()
             torch.cuda.empty_cache()
             torch._dynamo.reset()
@@ -263,7 +276,7 @@ def main() -> None:
             try:
                 t = time.perf_counter()
                 base_name, _, compile_flag = name.partition("+")
-                model = load_variant(base_name, src, out, out4)
+                model = load_variant(base_name, src, files)
                 torch.cuda.synchronize()
                 row["load_s"] = time.perf_counter() - t
                 row["weight_bytes"] = torch.cuda.memory_allocated() - base
@@ -310,8 +323,10 @@ def record_kernels(result: dict) -> None:
 
 def report(result: dict) -> None:
     rows = result["variants"]
+    dense = "bf16" if any(r["variant"].partition("+")[0] == "bf16" for r in rows) else "fp16"
+
     def fp16_ref(compiled: bool) -> dict:
-        fp16 = [r for r in rows if r["variant"] == ("fp16+compile" if compiled else "fp16") and "error" not in r]
+        fp16 = [r for r in rows if r["variant"] == (dense + "+compile" if compiled else dense) and "error" not in r]
         return {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant" and k in fp16[-1]} if fp16 else {}
 
     refs = {False: fp16_ref(False), True: fp16_ref(True)}
@@ -322,7 +337,7 @@ def report(result: dict) -> None:
             ("d_batch64_tokens_per_s", "d) b64 tok/s", 1, False)]
     print(f"\n{result['environment']['gpu']}, torch {result['environment']['torch']}, nvCOMP {result['environment']['nvcomp']}")
     print(f"{'variant':<23}" + "".join(f"{c[1]:>15}" for c in cols))
-    print("(ratios: against fp16 compiled for +compile rows, fp16 eager otherwise; weights and peak: fraction of fp16)")
+    print(f"(ratios: against {dense} compiled for +compile rows, {dense} eager otherwise; weights and peak: fraction of {dense})")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<23}  error: {r['error'][:100]}")

@@ -6,6 +6,10 @@ JSON (default benchmarks/results/kernel.json).
 
     python scripts/bench_kernel.py
     python scripts/bench_kernel.py --shapes l8 --int4 64 --ms 1,16,2048 --out benchmarks/results/kernel_int4_h100.json
+
+With ``--expcode``: instead, lossless stream mode's exponent-coded bfloat16 matmul (12 bits per weight)
+against bfloat16 ``F.linear`` on random-normal weights, and its decode into a bfloat16 buffer (GB/s of
+bytes read and written).
 """
 
 from __future__ import annotations
@@ -86,6 +90,37 @@ def matmuls(shapes, ms, int4_gs: int | None) -> list[dict]:
     return rows
 
 
+def expcode_matmuls(shapes, ms) -> list[dict]:
+    from codecllm.kernels import expcode_triton as expcode
+
+    rows = []
+    for n, k in shapes:
+        copies = max(2, (256 << 20) // (n * k * 2))
+        w16 = [(torch.randn(n, k, device=DEV) * 0.02).to(torch.bfloat16) for _ in range(copies)]
+        layouts = []
+        for w in w16:
+            b = w.view(torch.int16)
+            sm = ((b >> 8) & 0x80 | (b & 0x7F)).to(torch.uint8)
+            layouts.append(expcode.encode(sm, ((b >> 7) & 0xFF).to(torch.uint8)))
+        mms = [expcode.ExpCodeMatmul(t) for t in layouts]
+        nbytes = expcode.nbytes(layouts[0])
+        inner = min(copies, 64)
+        outs = [torch.empty(n, k, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+        td = timed(lambda i: expcode.decode_into(layouts[i % copies], 0, n, outs[i % 2]), inner=inner)
+        assert torch.equal(outs[(inner - 1) % 2], w16[(inner - 1) % copies])
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            t16 = timed(lambda i: F.linear(x, w16[i % copies]), inner=inner)
+            te = timed(lambda i: mms[i % copies](x), inner=inner)
+            row = {"M": m, "N": n, "K": k, "bf16_us": t16 * 1e3, "expcode_us": te * 1e3, "speedup": t16 / te,
+                   "bf16_GBps": n * k * 2 / t16 / 1e6, "expcode_GBps": nbytes / te / 1e6, "expcode_bytes": nbytes,
+                   "decode_us": td * 1e3, "decode_GBps": (nbytes + n * k * 2) / td / 1e6}
+            rows.append(row)
+            print(f"M={m:<5} N={n:<6} K={k:<5} bf16 {t16 * 1e3:8.1f} us ({row['bf16_GBps']:6.0f} GB/s)  expcode {te * 1e3:8.1f} us "
+                  f"({row['expcode_GBps']:6.0f} GB/s)  {t16 / te:.2f}x   decode {td * 1e3:8.1f} us ({row['decode_GBps']:6.0f} GB/s)", flush=True)
+    return rows
+
+
 class _Nothing(nn.Module):
     def __init__(self, out_features):
         super().__init__()
@@ -148,13 +183,18 @@ def main():
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--ms", default="1,16,256,2048", help="input rows, comma-separated")
     ap.add_argument("--int4", type=int, metavar="GS", help="also time the int4 kernels, groups of GS")
+    ap.add_argument("--expcode", action="store_true", help="lossless stream mode's exponent-coded bfloat16 matmul instead")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel.json")
     a = ap.parse_args()
     from codecllm.kernels.launch import reserve_scratch
     reserve_scratch(torch.device(DEV))  # split-K scratch for the capture stream of ``timed``
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes,
-           "matmuls": matmuls(SHAPES[a.shapes], [int(m) for m in a.ms.split(",")], a.int4)}
-    if a.shapes == "tinyllama":
+    ms = [int(m) for m in a.ms.split(",")]
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes}
+    if a.expcode:
+        res["expcode_matmuls"] = expcode_matmuls(SHAPES[a.shapes], ms)
+    else:
+        res["matmuls"] = matmuls(SHAPES[a.shapes], ms, a.int4)
+    if a.shapes == "tinyllama" and not a.expcode:
         res["forward16"] = forward_breakdown()
     from codecllm.kernels.launch import tuned_configs
     res["configs"] = tuned_configs()

@@ -99,10 +99,11 @@ class Scheme:
     # -- the modules that stand in --
 
     @classmethod
-    def stand_in(cls, module: nn.Module, backend: str, exact: bool = True) -> type | None:
+    def stand_in(cls, module: nn.Module, backend: str, exact: bool = True, dtype: str | None = None) -> type | None:
         """The class standing in for ``module``'s exact class on ``backend``, or None. With
         ``exact=False``, also for a subclass (its nearest registered base class): the loader then keeps
-        the subclass, whose own forward may differ, and gives it only the stand-in's ``weight``."""
+        the subclass, whose own forward may differ, and gives it only the stand-in's ``weight``.
+        ``dtype`` is the stored tensor's dtype (a safetensors dtype string), where the caller knows it."""
         kinds = [type(module)] if exact else [t for t in type(module).__mro__ if t in cls.modules]
         for kind in kinds:
             entry = cls.modules.get(kind, {}).get(backend)

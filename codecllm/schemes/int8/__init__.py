@@ -56,10 +56,10 @@ class Int8(Scheme):
     def weighs_inputs(self):  # per row, max|w| leaves no choice
         return self.group_size is not None
 
-    def stand_in(self, module, backend, exact=True):
+    def stand_in(self, module, backend, exact=True, dtype=None):
         if self.group_size and backend.startswith("cuda"):  # the CUDA kernels take one scale per row
             return None
-        return super().stand_in(module, backend, exact)
+        return super().stand_in(module, backend, exact, dtype)
 
     def applies_to(self, module, param, tensor_shape, float_tensor):
         return param == "weight" and float_tensor and len(tensor_shape) == 2 and isinstance(module, tuple(self.modules))

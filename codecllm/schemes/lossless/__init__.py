@@ -13,15 +13,19 @@ coder sees the bytes that compress apart from those that do not.
   (``signmant``, ``exponent``, ``exponent_high``, ``base``).
 - any other dtype: ``data``, the tensor as it is (as ``none``).
 
-Resident, a lossless weight is decoded once at load into an ordinary parameter. Stream mode has no
-stand-ins for it yet: a lossless weight loads decoded in either mode.
+Resident, a lossless weight is decoded once at load into an ordinary parameter. In stream mode on
+CUDA, a ``BF16`` Linear weight (an even number of input features) is re-encoded at load into 12 bits per
+weight, its sign+mantissa bytes and a 4-bit code per exponent, which the one-row matmul reads as it is
+(``.cuda``, ``codecllm.kernels.expcode_triton``); any other lossless weight loads decoded in either mode.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import PartSpec, Scheme, register
+from torch import nn
+
+from .. import PartSpec, Scheme, register, register_module
 
 WINDOW = 16  # exponents whose offset from ``base`` fits the low nibble
 
@@ -48,6 +52,11 @@ class Lossless(Scheme):
             return {"data": PartSpec("U8", (*shape, 2)), "signmant": PartSpec("U8", shape), **exponent}
         return {"data": PartSpec(dtype, shape)}
 
+    def stand_in(self, module, backend, exact=True, dtype=None):
+        if backend == "cuda-stream" and (dtype != "BF16" or type(module) is not nn.Linear or module.in_features % 2):
+            return None  # the exponent-coded layout: bfloat16 Linear weights with an even K
+        return super().stand_in(module, backend, exact, dtype)
+
     def quantize(self, w, importance=None):
         w = w.contiguous()
         if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -69,8 +78,7 @@ class Lossless(Scheme):
             t = _interleave(parts["data"], parts["high"]).view(torch.float16).reshape(parts["data"].shape)
         elif "exponent" in parts:  # BF16, or F32 with its low half in ``data``
             signmant = parts.get("signmant", parts["data"])
-            sm, n = signmant.reshape(-1), signmant.numel()
-            e = _unpack_exponents(parts["exponent"], parts["exponent_high"], n) + parts["base"]  # uint8: mod 256
+            sm, e = signmant.reshape(-1), exponents(parts)  # uint8: mod 256
             high = _interleave((e << 7) | (sm & 0x7F), (sm & 0x80) | (e >> 1))  # uint8 shifts drop the bits shifted out
             if "signmant" in parts:
                 t = _interleave(parts["data"].view(torch.int16), high).view(torch.float32)
@@ -80,6 +88,15 @@ class Lossless(Scheme):
         else:
             t = parts["data"]
         return t.to(dtype) if t.is_floating_point() and dtype is not None else t
+
+
+def exponents(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 8-bit exponents (uint8, flat) of a ``BF16`` (or ``F32``) record's parts."""
+    signmant = parts.get("signmant", parts["data"])
+    return _unpack_exponents(parts["exponent"], parts["exponent_high"], signmant.numel()) + parts["base"]
+
+
+register_module(Lossless, nn.Linear, "cuda-stream", "codecllm.schemes.lossless.cuda:LosslessCudaLinear")
 
 
 def _signmant(x: torch.Tensor) -> torch.Tensor:
