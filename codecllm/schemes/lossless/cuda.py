@@ -10,6 +10,7 @@ Eager calls go through an ``ExpCodeMatmul`` prepared once; under ``torch.compile
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ...gpu.fusion import FusableLinear
 from ...kernels import expcode_triton as expcode
@@ -17,13 +18,23 @@ from ...qmodules import QLinear, QuantizedWeight
 from . import exponents
 
 
+MAX_ESCAPES = 0.01  # beyond this share of escaped weights the layout saves little (10 bytes per escape)
+
+
 class LosslessCudaLinear(FusableLinear, QLinear):
     fusable = False
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):
+        """The stand-in, or, for a weight whose exponents spread too wide for the layout to pay (a 2:4-sparse
+        weight's zeros all escape), an ``nn.Linear`` with the decoded weight, as resident mode gives it."""
         sm = parts["data"]
         t = expcode.encode(sm, exponents(parts))
+        if t["esc_row"].numel() > MAX_ESCAPES * sm.numel():
+            dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(scheme.dequantize(parts, compute_dtype), requires_grad=False)
+            dense.bias = module.bias  # the loader may fill it later, as for a stand-in
+            return dense
         base = t.pop("base")
         new = super().from_float(module, scheme, t, compute_dtype, device)
         new.base = base
