@@ -35,7 +35,7 @@ def special(dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (3, 5), (64, 33), (2, 3, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (3, 5), (64, 33), (2, 3, 4), (3, 43691)], ids=str)  # the last: blocks and an odd tail
 def test_round_trip_is_bit_exact(dtype, shape):
     s = get_scheme("lossless")
     torch.manual_seed(0)
@@ -44,6 +44,18 @@ def test_round_trip_is_bit_exact(dtype, shape):
         layout = s.layout(dtype_name(dtype), shape)
         assert {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in parts.items()} == {n: (p.dtype, p.shape) for n, p in layout.items()}
         assert same_bits(s.dequantize(parts, None), w)
+
+
+@pytest.mark.parametrize("n", [1, 7, 70001])
+def test_one_block_as_on_a_gpu(monkeypatch, n):
+    """On a GPU the planes are split and joined in one block (each step a kernel launch): that path, here."""
+    import codecllm.schemes.lossless as lossless
+
+    monkeypatch.setattr(lossless, "_block", lambda t: max(t.numel() + t.numel() % 2, 2))
+    s = get_scheme("lossless")
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.cat([torch.randn(n) * 0.02, torch.randn(n) * 1e30])[torch.randperm(2 * n)][:n].to(dtype)
+        assert same_bits(s.dequantize(s.quantize(w), None), w)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d)[6:])

@@ -21,6 +21,8 @@ weight, its sign+mantissa bytes and a 4-bit code per exponent, which the one-row
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from torch import nn
@@ -64,27 +66,30 @@ class Lossless(Scheme):
         if w.dtype == torch.float16:
             b = w.reshape(-1).view(torch.uint8).reshape(-1, 2)
             return {"data": b[:, 0].reshape(w.shape).clone(), "high": b[:, 1].reshape(w.shape).clone()}
+        x = w.reshape(-1).view(torch.int16)
         if w.dtype == torch.bfloat16:
-            x = w.reshape(-1).view(torch.int16)
-            return {"data": _signmant(x).reshape(w.shape), **_exponent_planes(x)}
-        # float32: the low half as it is, the high half as bfloat16 (.clone(): .contiguous() would keep the
-        # stride of a size-1 dimension, which .view(torch.uint8) refuses)
-        x = w.reshape(-1).view(torch.int16).reshape(-1, 2)
-        low, high = (x[:, i].clone(memory_format=torch.contiguous_format) for i in (0, 1))
-        return {"data": low.view(torch.uint8).reshape(*w.shape, 2), "signmant": _signmant(high).reshape(w.shape), **_exponent_planes(high)}
+            signmant, planes = _split(x)
+            return {"data": signmant.reshape(w.shape), **planes}
+        # float32: the low half as it is (.clone: .contiguous() would keep the stride of a size-1 dimension,
+        # which .view(torch.uint8) refuses), the high half as bfloat16
+        x = x.reshape(-1, 2)
+        signmant, planes = _split(x[:, 1])
+        return {"data": x[:, 0].clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(*w.shape, 2), "signmant": signmant.reshape(w.shape), **planes}
 
     def dequantize(self, parts, dtype):
         if "high" in parts:  # F16
-            t = _interleave(parts["data"], parts["high"]).view(torch.float16).reshape(parts["data"].shape)
+            shape = parts["data"].shape
+            out = torch.empty((parts["data"].numel(), 2), dtype=torch.uint8)
+            out[:, 0], out[:, 1] = parts["data"].reshape(-1), parts["high"].reshape(-1)
+            t = out.view(torch.float16).reshape(shape)
         elif "exponent" in parts:  # BF16, or F32 with its low half in ``data``
             signmant = parts.get("signmant", parts["data"])
-            sm, e = signmant.reshape(-1), exponents(parts)  # uint8: mod 256
-            high = _interleave((e << 7) | (sm & 0x7F), (sm & 0x80) | (e >> 1))  # uint8 shifts drop the bits shifted out
-            if "signmant" in parts:
-                t = _interleave(parts["data"].view(torch.int16), high).view(torch.float32)
-            else:
-                t = high.view(torch.bfloat16)
-            t = t.reshape(signmant.shape)
+            f32 = "signmant" in parts
+            out = torch.empty((signmant.numel(), 2 if f32 else 1), dtype=torch.int16, device=signmant.device)
+            if f32:
+                out[:, 0] = parts["data"].reshape(-1, 2).view(torch.int16).reshape(-1)
+            _join(signmant.reshape(-1), parts["exponent"], parts["exponent_high"], int(parts["base"][0]), out[:, -1])
+            t = out.view(torch.float32 if f32 else torch.bfloat16).reshape(signmant.shape)
         else:
             t = parts["data"]
         return t.to(dtype) if t.is_floating_point() and dtype is not None else t
@@ -99,27 +104,89 @@ def exponents(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 register_module(Lossless, nn.Linear, "cuda-stream", "codecllm.schemes.lossless.cuda:LosslessCudaLinear")
 
 
-def _signmant(x: torch.Tensor) -> torch.Tensor:
-    """The sign and the 7 mantissa bits of the bfloat16 words ``x`` (int16, flat), one byte each."""
-    b = (x & -32641).view(torch.uint8).reshape(-1, 2)  # 0x807F: the sign in the high byte, the mantissa in the low
-    return b[:, 0] | b[:, 1]
+# The planes are split and joined a block of weights at a time, on contiguous int16 words, so that every
+# step runs vectorised on operands in the CPU's cache (over whole tensors each step was a pass through
+# memory, and strided byte views run ten times slower than contiguous words).
+BLOCK = 1 << 16  # weights (even)
 
 
-def _exponent_planes(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The planes of the exponents of the bfloat16 words ``x`` (int16, flat): ``base``, the start of the
-    window of ``WINDOW`` exponents holding the most of them (the lowest such start), and the offsets from
-    it, low and high nibbles packed two per byte."""
-    e = (x << 1).view(torch.uint8).reshape(-1, 2)[:, 1].contiguous()  # the sign shifted out of the high byte
-    counts = torch.bincount(e, minlength=256)
+def _block(t: torch.Tensor) -> int:
+    """Weights per block: ``BLOCK`` on the CPU; on a GPU one block (each step a kernel launch)."""
+    return BLOCK if t.device.type == "cpu" else max(t.numel() + t.numel() % 2, 2)
+
+
+def _blocks(n: int, block: int):
+    return ((i, min(i + block, n)) for i in range(0, n, block))
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The planes of the bfloat16 words ``x`` (int16, flat, any stride): the sign+mantissa bytes, and the
+    exponents' planes: ``base``, the start of the window of ``WINDOW`` exponents holding the most of a
+    sample of them (the lowest such start), and the offsets from it, low and high nibbles packed two per
+    byte."""
+    n, h = x.numel(), (x.numel() + 1) // 2
+    counts = torch.bincount(((x[::max(n >> 16, 1) | 1] >> 7) & 0xFF).to(torch.uint8), minlength=256)  # about 65536 evenly spaced
     sums = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     base = int(torch.argmax(sums[WINDOW:] - sums[:-WINDOW]))  # weights in [b, b + WINDOW) for b = 0..256 - WINDOW
-    d = e - base  # uint8: mod 256
-    if d.numel() % 2:
-        d = torch.cat([d, d.new_zeros(1)])
-    z = d.view(torch.int16)  # element 2j in the low byte (little-endian), 2j + 1 in the high byte
-    low, high = z & 0x0F0F, (z >> 4) & 0x0F0F
-    return {"exponent": (low | (low >> 4)).to(torch.uint8), "exponent_high": (high | (high >> 4)).to(torch.uint8),
-            "base": torch.tensor([base], dtype=torch.uint8)}
+    block, new = _block(x), partial(torch.empty, device=x.device)
+    signmant, low, high = new(n, dtype=torch.uint8), new(h, dtype=torch.uint8), new(h, dtype=torch.uint8)
+    s, t, e = new(block, dtype=torch.int16), new(block, dtype=torch.int16), new(block, dtype=torch.uint8)
+    for i, j in _blocks(n, block):
+        k, m = j - i, (j - i + 1) // 2
+        w, a, b = x[i:j], s[:k], t[:k]
+        torch.bitwise_and(w, 0x7F, out=a)
+        torch.bitwise_right_shift(w, 8, out=b)
+        b &= 0x80
+        a |= b
+        signmant[i:j] = a  # int16 into uint8: the low byte
+        torch.bitwise_right_shift(w, 7, out=a)
+        e[:k] = a  # the low byte: the exponent (the sign falls out)
+        e[:k] -= base  # uint8: mod 256, the offset
+        e[k:k + 1] = 0  # n odd: an offset of 0 in the unused high nibbles
+        z, a, b = e[:2 * m].view(torch.int16), s[:m], t[:m]  # two offsets per word, element 2k in the low byte
+        torch.bitwise_right_shift(z, 4, out=b)
+        torch.bitwise_and(z, 0x0F, out=a)
+        a |= b & 0xF0
+        low[i // 2:i // 2 + m] = a
+        torch.bitwise_right_shift(z, 8, out=a)
+        a &= 0xF0
+        b &= 0x0F
+        a |= b
+        high[i // 2:i // 2 + m] = a
+    return signmant, {"exponent": low, "exponent_high": high, "base": torch.tensor([base], dtype=torch.uint8, device=x.device)}
+
+
+def _join(signmant: torch.Tensor, low: torch.Tensor, high: torch.Tensor, base: int, out: torch.Tensor) -> None:
+    """Inverse of ``_split``: the bfloat16 words into ``out`` (int16, flat, any stride)."""
+    n, block = signmant.numel(), _block(signmant)
+    a, b, c = (torch.empty(block, dtype=torch.int16, device=signmant.device) for _ in range(3))
+    for i, j in _blocks(n, block):
+        k = j - i
+        p, q, z = a[:(k + 1) // 2], b[:(k + 1) // 2], c[:(k + 1) // 2]
+        p.copy_(low[i // 2:(j + 1) // 2])
+        q.copy_(high[i // 2:(j + 1) // 2])
+        torch.bitwise_and(p, 0x0F, out=z)
+        p &= 0xF0
+        p <<= 4
+        z |= p
+        torch.bitwise_and(q, 0x0F, out=p)
+        p <<= 4
+        z |= p
+        q &= 0xF0
+        q <<= 8
+        z |= q  # the offsets, two per word
+        ex = z.view(torch.uint8)[:k]
+        ex += base  # uint8: mod 256, the exponents
+        x, y = a[:k], b[:k]
+        x.copy_(ex)
+        x <<= 7
+        y.copy_(signmant[i:j])
+        torch.bitwise_and(y, 0x7F, out=c[:k])
+        x |= c[:k]
+        y &= 0x80
+        y <<= 8
+        x |= y
+        out[i:j] = x
 
 
 def _unpack_exponents(low: torch.Tensor, high: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,10 +195,3 @@ def _unpack_exponents(low: torch.Tensor, high: torch.Tensor, n: int) -> torch.Te
     torch.bitwise_or(low & 0x0F, high << 4, out=out[:, 0])
     torch.bitwise_or(low >> 4, high & 0xF0, out=out[:, 1])
     return out.reshape(-1)[:n]
-
-
-def _interleave(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``lo`` and ``hi`` (flat, one dtype) element by element: ``lo[0], hi[0], lo[1], ...``, as words twice
-    their size (little-endian)."""
-    out = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1)
-    return out.view(torch.int16 if lo.dtype == torch.uint8 else torch.int32).reshape(-1)
