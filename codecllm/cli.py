@@ -192,6 +192,12 @@ def dump_cmd(file, as_json, verify, no_tensors):
         f"total: {t['tensors']} tensors, {t['bytes_original']} bytes -> {t['bytes_stored']} stored ({t['ratio']:.2f}x, "
         f"{t['bits_per_weight']:.2f} bits per weight), embedded files {t['bytes_files']} bytes"
     )
+    g = info["gpu_bytes"]
+    if "error" in g:
+        click.echo(f"on a GPU: not estimated ({_escape(g['error'])})")
+    else:
+        click.echo(f"on a GPU: resident {g['resident']['bytes']} bytes; stream {g['stream']['bytes']} bytes "
+                   f"({g['stream']['bytes'] / max(g['resident']['bytes'], 1):.2f}x, decode step about {g['stream']['speed']:.2f}x as fast)")
     if verify:
         click.echo("verify: every tensor decoded and both checksums match")
 

@@ -26,6 +26,18 @@ def _row(f: CllmFile, rec: Record) -> dict:
     }
 
 
+def _gpu_bytes(path) -> dict:
+    """What each load mode would hold on a CUDA device (``codecllm.loader.footprint``), or why that is not
+    known here (a config transformers cannot build, kernels that cannot be imported): the header itself is
+    shown either way."""
+    from .loader import footprint
+
+    try:
+        return footprint(path, "cuda")
+    except Exception as e:  # noqa: BLE001 (an estimate beside the header, never a reason to fail)
+        return {"error": (str(e).splitlines() or [type(e).__name__])[0]}
+
+
 def describe(path: str | os.PathLike, verify: bool = False, tensors: bool = True) -> dict:
     """The header as a JSON-ready dict. ``totals.bytes_stored`` plus ``totals.bytes_files`` plus
     ``header_bytes`` equals the file size. With ``verify``, every payload is decoded and both checksums
@@ -56,6 +68,7 @@ def describe(path: str | os.PathLike, verify: bool = False, tensors: bool = True
             "aliases": f.doc.aliases,
             "totals": totals,
         }
+        out["gpu_bytes"] = _gpu_bytes(path)
         if verify:
             out["verified"] = True
         if tensors:

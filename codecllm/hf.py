@@ -49,7 +49,7 @@ def _define():
     class CodecLLMConfig(QuantizationConfigMixin):
         """``quantization_config`` of a directory whose weights are a ``.cllm`` file.
 
-        ``mode`` is the codecllm loading mode (``"resident"`` or ``"stream"``); ``file`` names the ``.cllm``
+        ``mode`` is the codecllm loading mode (``"resident"``, ``"stream"`` or ``"auto"``); ``file`` names the ``.cllm``
         in the directory (informative: transformers resolves the weights file itself).
         """
 

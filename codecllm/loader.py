@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from .errors import CodecLLMError, DeviceError, FormatError
 from .format import CllmFile, Record
 from .qmodules import CpuWorkspace, QEmbedding, dense_state_dict
 
-MODES = ("resident", "stream")
+MODES = ("resident", "stream", "auto")
+STREAM_MIN_SAVING = 0.05  # stream mode saving less than this (or holding more) is worth a notice
+AUTO_MAX_SLOWDOWN = 0.10  # mode="auto" takes the mode that holds less unless it is estimated this much slower
 TOKENIZER_FILES_EXCLUDED = ("config.json", "generation_config.json")
 
 
@@ -106,7 +109,10 @@ def load(
     """Load a ``.cllm`` file as a transformers model in eval mode.
 
     ``mode="resident"`` keeps weights in their scheme's encoding (int8 codes, decoded once at load);
-    ``mode="stream"`` keeps Linear weights entropy-coded and decodes each just before use. ``dtype`` is
+    ``mode="stream"`` keeps Linear weights entropy-coded and decodes each just before use (with a one-line
+    warning where that holds more memory than resident mode, or saves under 5%); ``mode="auto"`` takes
+    the mode that holds less, unless the loader estimates it more than 10% slower (``footprint``). The
+    mode taken is ``model.codecllm_mode``. ``dtype`` is
     the compute dtype (``default_dtype`` if None). On CUDA, decoding runs on the GPU with nvCOMP and
     ``gpu_stream_codec`` chooses how stream mode keeps weights in GPU memory: ``"ans"`` (re-encoded at
     load, decodes fastest) or ``"zstd"`` (the file's own frames).
@@ -139,13 +145,10 @@ def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.dev
 def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: torch.dtype, gpu_stream_codec: str) -> None:
     doc = f.doc
     backend = _backend(f, dev, gpu_stream_codec)
-    names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
-    for alias, target in doc.aliases.items():
-        names_of[target].append(alias)
-    if type(model).__name__ not in (doc.model.get("architectures") or []):
-        names_of = _renamed(model, names_of)
-    order = _in_model_order(model, doc, names_of)
-    targets = {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
+    names_of, order, targets = _targets(model, doc)
+    if mode != "resident":
+        mode = _choose(f.path, dev, mode, _footprint(doc, targets, backend.name, dtype))
+    model.codecllm_mode = mode
     streamed = _streamed(doc, targets, backend.name) if mode == "stream" else set()
     backend.reserve(order, streamed)
     for rec in order:
@@ -163,6 +166,85 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
     model.eval()
     backend.finish(model)
+
+
+def _targets(model: nn.Module, doc) -> tuple[dict[str, list[str]], list[Record], dict[str, list]]:
+    """Each record's names in ``model``, the records in the model's order, and each record's targets
+    (name, module, attribute)."""
+    names_of: dict[str, list[str]] = {n: [n] for n in doc.tensors}
+    for alias, target in doc.aliases.items():
+        names_of[target].append(alias)
+    if type(model).__name__ not in (doc.model.get("architectures") or []):
+        names_of = _renamed(model, names_of)
+    order = _in_model_order(model, doc, names_of)
+    return names_of, order, {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
+
+
+def footprint(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """What each mode would hold of a ``.cllm`` file's tensors on ``device`` ("cpu" or "cuda"; no GPU is
+    needed to ask), from the header alone: ``{"resident": {"bytes", "speed"}, "stream": {...}}``, where
+    ``bytes`` counts every tensor the model holds (stand-ins' forms, plain tensors in ``dtype``) and the
+    stream layers' workspaces, and ``speed`` is the loader's estimate of a decode step's speed against
+    resident mode's (each stand-in's measured ``relative_speed``, weighted by its weights' resident bytes).
+    Stream mode's escapes and ANS re-encoding are estimated, not counted."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {dev.type!r} is not supported (use 'cpu' or 'cuda')")
+    with CllmFile(path) as f:
+        dtype = dtype or default_dtype(f, dev)
+        model = empty_model(f.config(), dtype)
+        return _footprint(f.doc, _targets(model, f.doc)[2], dev.type, dtype)
+
+
+def _footprint(doc, targets: dict[str, list], backend: str, dtype: torch.dtype) -> dict[str, dict]:
+    resident: dict[str, int] = {}
+    out = {}
+    for mode in ("resident", "stream"):
+        streamed = _streamed(doc, targets, backend) if mode == "stream" else set()
+        held = time = 0.0
+        by_class: dict[type, list[Record]] = {}
+        for name, mods in targets.items():
+            rec = doc.tensors[name]
+            cls = _holder(rec, mods, backend, name in streamed)
+            if cls is None:
+                n = rec.numel * (dtype.itemsize if rec.dtype in FLOAT_DTYPES else torch_dtype(rec.dtype).itemsize)
+            else:
+                n = cls.held_bytes(rec, dtype)
+                by_class.setdefault(cls, []).append(rec)
+            resident.setdefault(name, n)
+            held += n
+            time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
+        held += sum(cls.shared_bytes(recs, dtype) for cls, recs in by_class.items())
+        out[mode] = {"bytes": int(held), "time": time}
+    base = out["resident"]["time"]
+    return {m: {"bytes": v["bytes"], "speed": base / v["time"] if v["time"] else 1.0} for m, v in out.items()}
+
+
+def _holder(rec: Record, mods: list, backend: str, stream: bool) -> type | None:
+    """The stand-in class that would hold ``rec`` (as ``_place`` chooses it), or None for a plain tensor."""
+    key = backend + ("-stream" if stream else "")
+    for _, module, attr in mods:
+        if attr != "weight":
+            continue
+        cls = rec.scheme.stand_in(module, key, dtype=rec.dtype)
+        if cls is None and not stream:
+            base = rec.scheme.stand_in(module, backend, exact=False, dtype=rec.dtype)
+            cls = base if base is not None and issubclass(base, QEmbedding) else None
+        if cls is not None:
+            return cls
+    return None
+
+
+def _choose(path: str, dev: torch.device, mode: str, plan: dict[str, dict]) -> str:
+    """The mode to load in: ``auto``'s choice, or ``stream`` with a notice where it does not pay."""
+    res, st = plan["resident"]["bytes"], plan["stream"]["bytes"]
+    if mode == "auto":
+        return "stream" if st < res and plan["stream"]["speed"] >= 1 - AUTO_MAX_SLOWDOWN else "resident"
+    if st > res * (1 - STREAM_MIN_SAVING):
+        than = f"{(st / max(res, 1) - 1) * 100:.1f}% more than" if st > res else f"only {(1 - st / res) * 100:.1f}% less than"
+        warnings.warn(f"{path}: stream mode holds {st / 1e6:.1f} MB on {dev.type}, {than} resident mode's {res / 1e6:.1f} MB, "
+                      f"at about {plan['stream']['speed']:.2f}x its speed (mode='auto' chooses)", stacklevel=4)
+    return mode
 
 
 def _renamed(model: nn.Module, names_of: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -41,6 +41,7 @@ from synthetic import MODELS, write_checkpoint  # noqa: E402
 
 import codecllm  # noqa: E402
 from codecllm.qmodules import QuantizedWeight  # noqa: E402
+from codecllm.loader import footprint  # noqa: E402
 from codecllm.gpu.graphs import capture, events_ms  # noqa: E402,F401  (events_ms: also for bench_kernel.py)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +218,9 @@ def load_variant(name: str, src: Path, files: dict[str, Path]):
         family = "int8"
     cllm = files[family]
     mode, _, codec = name.partition("-")
-    return codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
+    model = codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
+    model.codecllm_path = cllm
+    return model
 
 
 def main() -> None:
@@ -286,7 +289,11 @@ def main() -> None:
                 row["linear_weight_bytes"] = row["weight_bytes"] - sum(
                     t.numel() * t.element_size() for m in small for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
                     if not isinstance(t, QuantizedWeight))  # a stand-in's weight: its shape, no storage of its own
-                print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB", flush=True)
+                if hasattr(model, "codecllm_path"):  # the loader's estimate from the header, for comparison
+                    row["footprint"] = footprint(model.codecllm_path, DEV)
+                    row["estimated_weight_bytes"] = row["footprint"][model.codecllm_mode]["bytes"]
+                print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB"
+                      + (f" (estimated {row['estimated_weight_bytes'] / 1e9:.3f} GB)" if "footprint" in row else ""), flush=True)
                 # zstd decodes at about a tenth of ANS's speed: fewer tokens keep the run short
                 slow = base_name == "stream-zstd"
                 row["new_tokens"] = 8 if slow else args.new_tokens

@@ -184,12 +184,17 @@ def main():
     ap.add_argument("--ms", default="1,16,256,2048", help="input rows, comma-separated")
     ap.add_argument("--int4", type=int, metavar="GS", help="also time the int4 kernels, groups of GS")
     ap.add_argument("--expcode", action="store_true", help="lossless stream mode's exponent-coded bfloat16 matmul instead")
+    ap.add_argument("--dequant-block-mb", type=int, help="rows dequantized per cuBLAS call, in MB (default: the library's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel.json")
     a = ap.parse_args()
+    from codecllm.kernels import launch
     from codecllm.kernels.launch import reserve_scratch
+    if a.dequant_block_mb:
+        launch.DEQUANT_BLOCK_BYTES = a.dequant_block_mb << 20
     reserve_scratch(torch.device(DEV))  # split-K scratch for the capture stream of ``timed``
     ms = [int(m) for m in a.ms.split(",")]
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": a.shapes,
+           "dequant_block_bytes": launch.DEQUANT_BLOCK_BYTES}
     if a.expcode:
         res["expcode_matmuls"] = expcode_matmuls(SHAPES[a.shapes], ms)
     else:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..dtypes import torch_dtype
 from ..errors import DecodeError
-from ..qmodules import eager_only
+from ..qmodules import eager_only, payload_bytes
 from . import nvcomp
 
 SLOTS = 2
@@ -244,6 +244,16 @@ class CudaStream:
     (built with the stand-in) are resident."""
 
     fusable = False
+    # L8x4 int8 on an H100: a decode step 1.946 ms streamed (ANS), 1.082 ms resident
+    relative_speed = 0.56
+
+    @classmethod
+    def held_bytes(cls, rec, dtype):
+        return payload_bytes(rec)  # (the file's zstd size: re-encoded to ANS, about the same)
+
+    @classmethod
+    def shared_bytes(cls, recs, dtype):
+        return SLOTS * 2 * max(aligned(r.main.nbytes) for r in recs)  # the workspaces (``StreamSchedule.setup``)
 
     @eager_only
     def forward(self, *args):

@@ -1,0 +1,138 @@
+"""What each load mode holds (``codecllm.loader.footprint``), the notice where stream mode does not pay,
+``mode="auto"``, and ``codecllm-dump``'s per-mode GPU bytes: the accounting, on the CPU (the GPU side is
+in tests/test_gpu.py)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import codecllm
+from codecllm.cli import dump_cmd
+from codecllm.format import CllmFile
+from codecllm.loader import footprint
+from conftest import llama_config, save_tiny
+
+
+def linear_names(f: CllmFile) -> list[str]:
+    return [n for n in f.doc.tensors if n.endswith("_proj.weight") or n == "lm_head.weight"]
+
+
+def test_lossless_bf16_on_cuda_by_hand(tmp_path):
+    """A bfloat16 lossless file on CUDA: resident holds every tensor in bfloat16; stream holds each Linear
+    weight (the untied head included) in 12 bits per weight plus a row table, the rest as resident, and
+    one block of rows to decode for cuBLAS (here the largest weight); it is estimated faster."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2), dtype=torch.bfloat16)
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="lossless")
+    with CllmFile(out) as f:
+        recs = f.doc.tensors.values()
+        linear = [f.doc.tensors[n] for n in linear_names(f)]
+        total = sum(r.numel * 2 for r in recs)
+        streamed = sum(r.numel * 3 // 2 + 4 * (r.shape[0] + 1) for r in linear)
+        stream = total - sum(r.numel * 2 for r in linear) + streamed + max(r.numel * 2 for r in linear)
+    plan = footprint(out, "cuda")
+    assert plan["resident"] == {"bytes": total, "speed": 1.0}
+    assert plan["stream"]["bytes"] == stream
+    assert plan["stream"]["speed"] > 1.0
+    # float32 computing: the same weights resident take twice the bytes, stream's layout the same
+    assert footprint(out, "cuda", dtype=torch.float32)["resident"]["bytes"] == 2 * total
+
+
+def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
+    """int8 on the CPU: resident holds codes and scales; stream the stored codes, the scales and one
+    decode workspace, estimated about 5x slower. Loading in stream mode says so in one line where it saves
+    under 5%; ``auto`` loads resident, and the model says which mode it took."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int8")
+    plan = footprint(out, "cpu")
+    with CllmFile(out) as f:
+        quantized = [r for r in f.doc.tensors.values() if r.scheme.id == "int8"]
+        # the int8 Linear weights stored entropy-coded (raw ones, and float layers larger than every int8 one,
+        # here the down projections kept in float, stay resident)
+        stream_recs = [r for r in quantized if r.name in linear_names(f) and r.main.chunks]
+        others = sum(r.numel * 4 for r in f.doc.tensors.values() if r.scheme.id != "int8")
+        resident = others + sum(p.nbytes for r in quantized for p in r.parts.values())
+        stream = resident + sum(sum(r.main.chunks) - r.main.nbytes for r in stream_recs) + max(r.main.nbytes for r in stream_recs)
+    assert len(stream_recs) >= 8
+    assert plan["resident"] == {"bytes": resident, "speed": 1.0}
+    assert plan["stream"]["bytes"] == stream and plan["stream"]["speed"] < 0.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = codecllm.load(out, mode="stream")
+    notices = [str(w.message) for w in caught if "stream mode holds" in str(w.message)]
+    assert model.codecllm_mode == "stream"
+    if stream > 0.95 * resident:
+        assert len(notices) == 1 and "\n" not in notices[0] and f"{resident / 1e6:.1f} MB" in notices[0], notices
+    else:
+        assert notices == []
+    assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
+
+
+def test_stream_that_holds_as_much_warns_once(tmp_path):
+    """A lossless file on the CPU has no stream stand-ins: stream mode holds what resident does, which the
+    loader says in one line (and still loads in stream mode, as asked); ``auto`` takes resident."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=1), dtype=torch.bfloat16)
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="lossless")
+    plan = footprint(out, "cpu")
+    assert plan["stream"]["bytes"] == plan["resident"]["bytes"]
+    with pytest.warns(UserWarning, match=r"stream mode holds .* only 0\.0% less than resident mode's") as caught:
+        model = codecllm.load(out, mode="stream")
+    assert len([w for w in caught if "stream mode holds" in str(w.message)]) == 1
+    assert model.codecllm_mode == "stream"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice for resident or auto
+        assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
+        assert codecllm.load(out).codecllm_mode == "resident"
+
+
+def test_auto_takes_stream_where_it_holds_less_and_is_not_slower(tmp_path, monkeypatch):
+    """``auto``'s rule, on the estimate: stream where it holds less and is at most 10% slower."""
+    from codecllm import loader
+
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=1))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int8")
+    for speed, mode in ((0.95, "stream"), (0.85, "resident")):
+        monkeypatch.setattr(loader, "_footprint", lambda *a, s=speed: {"resident": {"bytes": 100, "speed": 1.0},
+                                                                       "stream": {"bytes": 50, "speed": s}})
+        assert codecllm.load(out, mode="auto").codecllm_mode == mode
+
+
+def test_mode_and_device_errors(tmp_path, tiny_llama):
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama, out)
+    with pytest.raises(codecllm.CodecLLMError, match="mode 'fast' is not one of resident, stream, auto"):
+        codecllm.load(out, mode="fast")
+    with pytest.raises(codecllm.CodecLLMError, match="device 'mps' is not supported"):
+        footprint(out, "mps")
+
+
+def test_dump_shows_gpu_bytes_per_mode(tmp_path, tiny_llama):
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama, out)
+    plan = footprint(out, "cuda")
+    r = CliRunner().invoke(dump_cmd, [str(out), "--json", "--no-tensors"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["gpu_bytes"] == json.loads(json.dumps(plan))
+    r = CliRunner().invoke(dump_cmd, [str(out), "--no-tensors"])
+    assert r.exit_code == 0 and f"on a GPU: resident {plan['resident']['bytes']} bytes; stream {plan['stream']['bytes']} bytes" in r.output
+
+
+def test_dump_without_an_estimate_still_shows_the_header(tmp_path, tiny_llama, monkeypatch):
+    """A config transformers cannot build: the header is shown, the estimate says why it is missing."""
+    import codecllm.loader
+
+    out = tmp_path / "m.cllm"
+    codecllm.convert(tiny_llama, out)
+
+    def broken(*a, **k):
+        raise ValueError("no such architecture\nsecond line")
+
+    monkeypatch.setattr(codecllm.loader, "empty_model", broken)
+    r = CliRunner().invoke(dump_cmd, [str(out), "--no-tensors"])
+    assert r.exit_code == 0 and "on a GPU: not estimated (no such architecture)" in r.output, r.output
