@@ -36,6 +36,7 @@ class CpuBackend:
     """Decodes parts with the codecs' CPU decoders; stream layers keep the file's payloads in memory."""
 
     name = "cpu"
+    stream_keys = ("cpu-stream",)  # the registry keys of stream stand-ins, most specific first
 
     def __init__(self, f: CllmFile, device: torch.device):
         self.f, self.device = f, device
@@ -70,7 +71,7 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _backend(f: CllmFile, dev: torch.device, gpu_stream_codec: str):
+def _backend(f: CllmFile, dev: torch.device, gpu_stream_codec: str | None):
     if dev.type == "cuda":
         from .gpu.backend import CudaBackend
 
@@ -104,7 +105,7 @@ def load(
     device: str | torch.device = "cpu",
     mode: str = "resident",
     dtype: torch.dtype | None = None,
-    gpu_stream_codec: str = "ans",
+    gpu_stream_codec: str | None = None,
 ) -> nn.Module:
     """Load a ``.cllm`` file as a transformers model in eval mode.
 
@@ -114,8 +115,11 @@ def load(
     the mode that holds less, unless the loader estimates it more than 10% slower (``footprint``). The
     mode taken is ``model.codecllm_mode``. ``dtype`` is
     the compute dtype (``default_dtype`` if None). On CUDA, decoding runs on the GPU with nvCOMP and
-    ``gpu_stream_codec`` chooses how stream mode keeps weights in GPU memory: ``"ans"`` (re-encoded at
-    load, decodes fastest) or ``"zstd"`` (the file's own frames).
+    ``gpu_stream_codec`` chooses how stream mode keeps weights in GPU memory: ``None`` (each scheme's
+    fastest form: quantized weights re-encoded to nvCOMP's ANS, lossless bfloat16 weights in a 12-bit
+    fixed-length exponent code), ``"ans"`` (everything entropy-coded with ANS: lossless weights then take
+    about 10.7 bits, decoded per layer before use) or ``"zstd"`` (quantized weights as the file's own
+    frames).
 
     >>> model = codecllm.load("model.cllm", device="cpu")          # doctest: +SKIP
     >>> model.generate(**tokenizer("Hello", return_tensors="pt"))  # doctest: +SKIP
@@ -131,7 +135,7 @@ def load(
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", mode: str = "resident",
-              dtype: torch.dtype | None = None, gpu_stream_codec: str = "ans") -> nn.Module:
+              dtype: torch.dtype | None = None, gpu_stream_codec: str | None = None) -> nn.Module:
     """Fill ``model`` (built from the file's config, parameters on the meta device, as transformers builds
     it before loading weights) from the ``.cllm`` file in place; returns it."""
     if mode not in MODES:
@@ -142,14 +146,14 @@ def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.dev
     return model
 
 
-def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: torch.dtype, gpu_stream_codec: str) -> None:
+def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: torch.dtype, gpu_stream_codec: str | None) -> None:
     doc = f.doc
     backend = _backend(f, dev, gpu_stream_codec)
     names_of, order, targets = _targets(model, doc)
     if mode != "resident":
-        mode = _choose(f.path, dev, mode, _footprint(doc, targets, backend.name, dtype))
+        mode = _choose(f.path, dev, mode, _footprint(doc, targets, backend.name, backend.stream_keys, dtype))
     model.codecllm_mode = mode
-    streamed = _streamed(doc, targets, backend.name) if mode == "stream" else set()
+    streamed = _streamed(doc, targets, backend.stream_keys) if mode == "stream" else set()
     backend.reserve(order, streamed)
     for rec in order:
         _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
@@ -180,32 +184,35 @@ def _targets(model: nn.Module, doc) -> tuple[dict[str, list[str]], list[Record],
     return names_of, order, {r.name: [(n, *_parent(model, n)) for n in names_of[r.name]] for r in order}
 
 
-def footprint(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype | None = None) -> dict[str, dict]:
+def footprint(path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
+              gpu_stream_codec: str | None = None) -> dict[str, dict]:
     """What each mode would hold of a ``.cllm`` file's tensors on ``device`` ("cpu" or "cuda"; no GPU is
     needed to ask), from the header alone: ``{"resident": {"bytes", "speed"}, "stream": {...}}``, where
     ``bytes`` counts every tensor the model holds (stand-ins' forms, plain tensors in ``dtype``) and the
     stream layers' workspaces, and ``speed`` is the loader's estimate of a decode step's speed against
     resident mode's (each stand-in's measured ``relative_speed``, weighted by its weights' resident bytes).
-    Stream mode's escapes and ANS re-encoding are estimated, not counted."""
+    Stream mode's escapes and ANS re-encoding are estimated, not counted. ``gpu_stream_codec`` as for
+    ``load``."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {dev.type!r} is not supported (use 'cpu' or 'cuda')")
     with CllmFile(path) as f:
         dtype = dtype or default_dtype(f, dev)
         model = empty_model(f.config(), dtype)
-        return _footprint(f.doc, _targets(model, f.doc)[2], dev.type, dtype)
+        keys = (f"cuda-stream-{gpu_stream_codec}", "cuda-stream") if dev.type == "cuda" and gpu_stream_codec else (f"{dev.type}-stream",)
+        return _footprint(f.doc, _targets(model, f.doc)[2], dev.type, keys, dtype)
 
 
-def _footprint(doc, targets: dict[str, list], backend: str, dtype: torch.dtype) -> dict[str, dict]:
+def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[str, ...], dtype: torch.dtype) -> dict[str, dict]:
     resident: dict[str, int] = {}
     out = {}
     for mode in ("resident", "stream"):
-        streamed = _streamed(doc, targets, backend) if mode == "stream" else set()
+        streamed = _streamed(doc, targets, stream_keys) if mode == "stream" else set()
         held = time = 0.0
         by_class: dict[type, list[Record]] = {}
         for name, mods in targets.items():
             rec = doc.tensors[name]
-            cls = _holder(rec, mods, backend, name in streamed)
+            cls = _holder(rec, mods, backend, stream_keys if name in streamed else None)
             if cls is None:
                 n = rec.numel * (dtype.itemsize if rec.dtype in FLOAT_DTYPES else torch_dtype(rec.dtype).itemsize)
             else:
@@ -220,16 +227,25 @@ def _footprint(doc, targets: dict[str, list], backend: str, dtype: torch.dtype) 
     return {m: {"bytes": v["bytes"], "speed": base / v["time"] if v["time"] else 1.0} for m, v in out.items()}
 
 
-def _holder(rec: Record, mods: list, backend: str, stream: bool) -> type | None:
-    """The stand-in class that would hold ``rec`` (as ``_place`` chooses it), or None for a plain tensor."""
-    key = backend + ("-stream" if stream else "")
+def _holder(rec: Record, mods: list, backend: str, stream_keys: tuple[str, ...] | None) -> type | None:
+    """The stand-in class that would hold ``rec`` (as ``_place`` chooses it; streamed with
+    ``stream_keys``), or None for a plain tensor."""
     for _, module, attr in mods:
         if attr != "weight":
             continue
-        cls = rec.scheme.stand_in(module, key, dtype=rec.dtype)
-        if cls is None and not stream:
+        cls = _stand_in(rec, module, stream_keys or (backend,))
+        if cls is None and not stream_keys:
             base = rec.scheme.stand_in(module, backend, exact=False, dtype=rec.dtype)
             cls = base if base is not None and issubclass(base, QEmbedding) else None
+        if cls is not None:
+            return cls
+    return None
+
+
+def _stand_in(rec: Record, module: nn.Module, keys: tuple[str, ...]) -> type | None:
+    """The stand-in for ``module``'s exact class under the first of ``keys`` the scheme registers one for."""
+    for key in keys:
+        cls = rec.scheme.stand_in(module, key, dtype=rec.dtype)
         if cls is not None:
             return cls
     return None
@@ -270,7 +286,7 @@ def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
     return sorted((r for r in doc.tensors.values() if r.name in names_of), key=lambda r: min(position.get(n, len(position)) for n in names_of[r.name]))
 
 
-def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
+def _streamed(doc, targets: dict[str, list], keys: tuple[str, ...]) -> set[str]:
     """The records stream mode keeps compressed: weights whose every module has a stream stand-in for the
     record's scheme, and either that stand-in keeps a compact form of its own (``_payload`` false: it is
     built from the decoded parts at load) or the record's main part is entropy-coded. The decode
@@ -284,7 +300,7 @@ def _streamed(doc, targets: dict[str, list], backend: str) -> set[str]:
     for name, mods in targets.items():
         rec = doc.tensors[name]
         # (exact classes only: a subclass keeps its own forward)
-        classes = [rec.scheme.stand_in(m, f"{backend}-stream", dtype=rec.dtype) if a == "weight" else None for _, m, a in mods]
+        classes = [_stand_in(rec, m, keys) if a == "weight" else None for _, m, a in mods]
         if not all(classes):
             continue
         if not any(_payload(c) for c in classes):
@@ -309,13 +325,13 @@ def _payload(cls: type) -> bool:
 def _place(model, backend, rec: Record, names: list[str], stream: bool, dtype: torch.dtype) -> None:
     """Put one stored tensor (under each of its names) into the model. Modules are looked up now: a
     Linear's bias may go to the stand-in that replaced it."""
-    key = backend.name + ("-stream" if stream else "")
+    keys = backend.stream_keys if stream else (backend.name,)
     targets = [(n, *_parent(model, n)) for n in names]
     for name, module, attr in targets:
         have = getattr(module, attr).shape
         if tuple(have) != rec.shape:
             raise FormatError(f"tensor {name!r} has shape {list(rec.shape)} in the file, {list(have)} in the model")
-    stand_ins = [rec.scheme.stand_in(m, key, dtype=rec.dtype) if a == "weight" else None for _, m, a in targets]
+    stand_ins = [_stand_in(rec, m, keys) if a == "weight" else None for _, m, a in targets]
     payload = stream and any(c is not None and _payload(c) for c in stand_ins)
     parts = backend.read_parts(rec, skip=rec.scheme.main_part if payload else None)
     dense = owner = None

@@ -4,11 +4,12 @@ dependency) and as int8 .cllm (resident and stream, each in-memory codec) or int
 prefix: every weight int4, groups of 64, no recipe exceptions), each eager or compiled (``+compile``), all
 in one run. With ``--dtype bfloat16`` the checkpoint is bfloat16; ``bf16`` is then the dense reference and
 the ``lossless-`` prefix loads the ``--quant lossless`` file (``lossless-resident``: decoded at load;
-``lossless-stream``: Linear weights exponent-coded, 12 bits per weight).
+``lossless-stream``: Linear weights exponent-coded, 12 bits per weight; ``lossless-stream-ans``: their codes
+ANS-coded too, about 10.7 bits). A stream variant without a codec suffix takes the loader's default.
 
     python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,torchao,torchao+compile,resident,resident+compile
     python scripts/bench_gpu.py --model l8x4 --variants fp16,fp16+compile,int4-resident,int4-resident+compile
-    python scripts/bench_gpu.py --model l8x4 --dtype bfloat16 --variants bf16,lossless-resident,lossless-stream
+    python scripts/bench_gpu.py --model l8x4 --dtype bfloat16 --variants bf16,lossless-resident,lossless-stream,lossless-stream-ans
     python scripts/bench_gpu.py [--workdir DIR] [--new-tokens 128] [--out benchmarks/results/gpu.json]
 
 Measures per variant: a) generate() at batch 1 (ms/token, peak GPU memory); b) CUDA-graph replay of a
@@ -218,8 +219,8 @@ def load_variant(name: str, src: Path, files: dict[str, Path]):
         family = "int8"
     cllm = files[family]
     mode, _, codec = name.partition("-")
-    model = codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or "ans")
-    model.codecllm_path = cllm
+    model = codecllm.load(cllm, device=DEV, mode=mode, gpu_stream_codec=codec or None)
+    model.codecllm_path, model.codecllm_codec = cllm, codec or None
     return model
 
 
@@ -290,7 +291,7 @@ def main() -> None:
                     t.numel() * t.element_size() for m in small for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
                     if not isinstance(t, QuantizedWeight))  # a stand-in's weight: its shape, no storage of its own
                 if hasattr(model, "codecllm_path"):  # the loader's estimate from the header, for comparison
-                    row["footprint"] = footprint(model.codecllm_path, DEV)
+                    row["footprint"] = footprint(model.codecllm_path, DEV, gpu_stream_codec=model.codecllm_codec)
                     row["estimated_weight_bytes"] = row["footprint"][model.codecllm_mode]["bytes"]
                 print(f"{name}: loaded in {row['load_s']:.1f} s, {row['weight_bytes'] / 1e9:.3f} GB"
                       + (f" (estimated {row['estimated_weight_bytes'] / 1e9:.3f} GB)" if "footprint" in row else ""), flush=True)

@@ -157,9 +157,11 @@ def test_gemv_escape_loop_runs_several_rounds():
 @pytest.mark.parametrize("dtype,compact", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16", "fp16"])
 def test_cuda_stream_mode_keeps_bf16_linear_weights_exponent_coded(tmp_path, dtype, compact):
     """Which records a CUDA stream load would re-encode: every bf16 Linear weight (the untied head too),
-    nothing else; a float16 file has no such stand-in (its weights load decoded)."""
+    nothing else, with either stream codec (``gpu_stream_codec="ans"``: the small stand-in); a float16
+    file has no such stand-in (its weights load decoded)."""
     from codecllm.format import CllmFile
-    from codecllm.loader import _parent, _streamed
+    from codecllm.loader import _parent, _stand_in, _streamed
+    from codecllm.schemes.lossless.cuda import LosslessCudaLinear, LosslessSmallLinear
 
     from codecllm.architecture import empty_model
 
@@ -169,7 +171,11 @@ def test_cuda_stream_mode_keeps_bf16_linear_weights_exponent_coded(tmp_path, dty
     with CllmFile(out) as f:
         model = empty_model(f.config(), dtype)
         targets = {n: [(n, *_parent(model, n))] for n in f.doc.tensors if n.endswith("weight")}
-        streamed = _streamed(f.doc, targets, "cuda")
+        streamed = _streamed(f.doc, targets, ("cuda-stream",))
+        assert _streamed(f.doc, targets, ("cuda-stream-ans", "cuda-stream")) == streamed
+        rec, module = f.doc.tensors["lm_head.weight"], model.lm_head
+        kinds = [_stand_in(rec, module, keys) for keys in (("cuda-stream",), ("cuda-stream-ans", "cuda-stream"))]
     linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert streamed == (linears if compact else set())
     assert "lm_head.weight" in linears
+    assert kinds == ([LosslessCudaLinear, LosslessSmallLinear] if compact else [None, None])

@@ -430,29 +430,37 @@ def test_expcode_kernels_on_gpu(m):
                 assert all(torch.equal(expcode.ExpCodeMatmul(t, b)(x), y) for _ in range(3))
 
 
-def test_lossless_stream_on_gpu(tmp_path):
-    """A bfloat16 ``lossless`` file in stream mode: every Linear weight exponent-coded in GPU memory (under
-    0.76x of its bfloat16 bytes), decoding bit for bit, and logits as close to the exact computation (the
-    same bfloat16 weights computed in float32) as the bfloat16 model's own cuBLAS computation is: at most
-    2x its largest deviation, over one-token decode steps. Also replayed in a CUDA graph, and compiled with
-    no graph break."""
+@pytest.mark.parametrize("codec", [None, "ans"], ids=["fast", "small"])
+def test_lossless_stream_on_gpu(tmp_path, codec, monkeypatch):
+    """A bfloat16 ``lossless`` file in stream mode: every Linear weight exponent-coded in GPU memory (fast:
+    under 0.76x of its bfloat16 bytes; small, ``gpu_stream_codec="ans"``, the codes ANS-coded too and
+    decoded per block before use: under 0.70x), decoding bit for bit, and logits as close to the exact
+    computation (the same bfloat16 weights computed in float32) as the bfloat16 model's own cuBLAS
+    computation is: at most 2x its largest deviation, over one-token decode steps. Also replayed in a CUDA
+    graph, and compiled (fast: with no graph break). Small blocks here are 256 KiB of codes, so that the
+    larger weights take several."""
     from transformers import AutoModelForCausalLM
 
+    from codecllm.schemes.lossless import cuda as lossless_cuda
     from conftest import llama_config, save_tiny
 
+    monkeypatch.setattr(lossless_cuda, "SMALL_BLOCK_BYTES", 256 << 10)
     cfg = llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                        vocab_size=4096, initializer_range=0.02)
     src = save_tiny(tmp_path / "m", cfg, dtype=torch.bfloat16)
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant="lossless")
-    model = codecllm.load(out, device="cuda", mode="stream")
+    model = codecllm.load(out, device="cuda", mode="stream", gpu_stream_codec=codec)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to("cuda").eval()
     exact = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
-    coded = {n: m for n, m in model.named_modules() if type(m).__name__ == "LosslessCudaLinear"}
+    kind = lossless_cuda.LosslessSmallLinear if codec == "ans" else lossless_cuda.LosslessCudaLinear
+    coded = {n: m for n, m in model.named_modules() if type(m) is kind}
     dense = dict(ref.named_modules())
     assert len(coded) == 15
     held = sum(b.numel() * b.element_size() for m in coded.values() for b in m.buffers())
-    assert held < 0.76 * sum(dense[n].weight.numel() * 2 for n in coded)
+    assert held < (0.70 if codec == "ans" else 0.76) * sum(dense[n].weight.numel() * 2 for n in coded)
+    if codec == "ans":
+        assert max(len(m.blocks) for m in coded.values()) == 8  # the head: 4096 rows of 512 code bytes
     for n, m in coded.items():
         assert torch.equal(m.dequantized().view(torch.int16), dense[n].weight.view(torch.int16)), n
 
@@ -479,24 +487,28 @@ def test_lossless_stream_on_gpu(tmp_path):
     with torch.no_grad():
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(ids[:, :1])
-        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        if codec is None:
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
         eager = model(ids[:, :1]).logits.float()
-        got = torch.compile(model, fullgraph=True)(ids[:, :1]).logits.float()
+        got = torch.compile(model, fullgraph=codec is None)(ids[:, :1]).logits.float()
         assert sqnr_db(eager, got) > COMPILED_MIN_SQNR_DB
 
 
-@pytest.mark.parametrize("quant, dtype", [("lossless", torch.bfloat16), ("int8", torch.float16)], ids=["lossless-bf16", "int8-f16"])
-def test_footprint_against_what_each_mode_allocates(tmp_path, quant, dtype):
+@pytest.mark.parametrize("quant, dtype, codec", [("lossless", torch.bfloat16, None), ("lossless", torch.bfloat16, "ans"),
+                                                 ("int8", torch.float16, None)], ids=["lossless-bf16", "lossless-bf16-ans", "int8-f16"])
+def test_footprint_against_what_each_mode_allocates(tmp_path, quant, dtype, codec):
     """The loader's per-mode estimate (``footprint``, from the header alone) against the GPU memory each
     mode allocates at load: within 10%, beyond the block of rows that lossless stream mode decodes for
     cuBLAS (counted by the estimate, allocated at the first call with more than one row). ``auto`` takes
-    stream for the bfloat16 lossless file (less memory, estimated faster) and resident for int8 (stream
-    estimated at about half the speed); stream mode says so in one line where it saves under 5%."""
+    stream for the bfloat16 lossless file (less memory, estimated faster), and resident for the same file
+    with its codes ANS-coded and for int8 (stream estimated at about two thirds and half of the speed);
+    stream mode says so in one line where it saves under 5%."""
     import gc
     import warnings
 
     from codecllm.kernels.launch import reserve_scratch
     from codecllm.loader import footprint
+    from codecllm.schemes.lossless import cuda as lossless_cuda
     from conftest import llama_config, save_tiny
 
     cfg = llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -504,15 +516,16 @@ def test_footprint_against_what_each_mode_allocates(tmp_path, quant, dtype):
     src = save_tiny(tmp_path / "m", cfg, dtype=dtype)
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant=quant)
-    plan = footprint(out, "cuda")
+    plan = footprint(out, "cuda", gpu_stream_codec=codec)
     reserve_scratch(torch.device(DEV))  # the kernels' fixed scratch, made before the baseline
+    lossless_cuda._WORKSPACES.clear()  # the small layers' workspace: made by this load
     for mode in ("resident", "stream"):
         gc.collect()  # the model before (stand-ins and their weights hold cycles): freed now, not during this load
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = codecllm.load(out, device=DEV, mode=mode)
+            model = codecllm.load(out, device=DEV, mode=mode, gpu_stream_codec=codec)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - base
         est = plan[mode]["bytes"]
@@ -522,4 +535,5 @@ def test_footprint_against_what_each_mode_allocates(tmp_path, quant, dtype):
         notices = [w for w in caught if "stream mode holds" in str(w.message)]
         assert len(notices) == (mode == "stream" and plan["stream"]["bytes"] > 0.95 * plan["resident"]["bytes"])
         del model
-    assert codecllm.load(out, device=DEV, mode="auto").codecllm_mode == ("stream" if quant == "lossless" else "resident")
+    auto = codecllm.load(out, device=DEV, mode="auto", gpu_stream_codec=codec).codecllm_mode
+    assert auto == ("stream" if (quant, codec) == ("lossless", None) else "resident")

@@ -39,6 +39,15 @@ def test_lossless_bf16_on_cuda_by_hand(tmp_path):
     assert plan["stream"]["speed"] > 1.0
     # float32 computing: the same weights resident take twice the bytes, stream's layout the same
     assert footprint(out, "cuda", dtype=torch.float32)["resident"]["bytes"] == 2 * total
+    # the codes ANS-coded too (gpu_stream_codec="ans"): estimated by the file's own coded exponent planes,
+    # plus one block of codes to decode into (here the largest weight's, under SMALL_BLOCK_BYTES)
+    with CllmFile(out) as f:
+        coded = sum(sum(p.chunks) or p.nbytes for r in linear for n, p in f.doc.tensors[r.name].parts.items() if n.startswith("exponent"))
+    small = footprint(out, "cuda", gpu_stream_codec="ans")
+    assert small["resident"] == plan["resident"]
+    assert small["stream"]["bytes"] == (total - sum(r.numel * 2 for r in linear) + sum(r.numel + 4 * (r.shape[0] + 1) for r in linear)
+                                        + coded + max(r.numel // 2 for r in linear) + max(r.numel * 2 for r in linear))
+    assert small["stream"]["bytes"] < stream and 0.5 < small["stream"]["speed"] < 1.0
 
 
 def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):

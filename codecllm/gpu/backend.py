@@ -25,7 +25,9 @@ from ..format import CllmFile, Record
 from . import decoders, nvcomp
 from .stream import StreamSchedule, aligned
 
-STREAM_CODECS = ("ans", "zstd")  # "zstd": keep the file's chunks as they are (any codec nvCOMP decodes)
+# None: each scheme's fastest form (quantized payloads as ANS); "ans": entropy-coded wherever a scheme can
+# (stand-ins registered for "cuda-stream-ans"); "zstd": the file's chunks as they are (any codec nvCOMP decodes)
+STREAM_CODECS = (None, "ans", "zstd")
 
 
 class _Arena:
@@ -49,9 +51,10 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, f: CllmFile, device: torch.device, stream_codec: str = "ans"):
+    def __init__(self, f: CllmFile, device: torch.device, stream_codec: str | None = None):
         if stream_codec not in STREAM_CODECS:
-            raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(STREAM_CODECS)}")
+            raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(map(repr, STREAM_CODECS))}")
+        self.stream_keys = (f"cuda-stream-{stream_codec}", "cuda-stream") if stream_codec else ("cuda-stream",)
         nvcomp.library()  # a clear error now if nvCOMP is missing
         self.f, self.device, self.stream_codec = f, device, stream_codec
         self.main = self.sides = _Arena(device, 0)

@@ -16,7 +16,9 @@ coder sees the bytes that compress apart from those that do not.
 Resident, a lossless weight is decoded once at load into an ordinary parameter. In stream mode on
 CUDA, a ``BF16`` Linear weight (an even number of input features) is re-encoded at load into 12 bits per
 weight, its sign+mantissa bytes and a 4-bit code per exponent, which the one-row matmul reads as it is
-(``.cuda``, ``codecllm.kernels.expcode_triton``); any other lossless weight loads decoded in either mode.
+(``.cuda``, ``codecllm.kernels.expcode_triton``); with ``gpu_stream_codec="ans"``, the codes are kept
+entropy-coded too (about 10.7 bits per weight) and decoded by nvCOMP before each use. Any other lossless
+weight loads decoded in either mode.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Lossless(Scheme):
         return {"data": PartSpec(dtype, shape)}
 
     def stand_in(self, module, backend, exact=True, dtype=None):
-        if backend == "cuda-stream" and (dtype != "BF16" or type(module) is not nn.Linear or module.in_features % 2):
+        if backend.startswith("cuda-stream") and (dtype != "BF16" or type(module) is not nn.Linear or module.in_features % 2):
             return None  # the exponent-coded layout: bfloat16 Linear weights with an even K
         return super().stand_in(module, backend, exact, dtype)
 
@@ -102,6 +104,7 @@ def exponents(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 register_module(Lossless, nn.Linear, "cuda-stream", "codecllm.schemes.lossless.cuda:LosslessCudaLinear")
+register_module(Lossless, nn.Linear, "cuda-stream-ans", "codecllm.schemes.lossless.cuda:LosslessSmallLinear")
 
 
 # The planes are split and joined a block of weights at a time, on contiguous int16 words, so that every

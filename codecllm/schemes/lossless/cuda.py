@@ -15,7 +15,7 @@ from torch import nn
 from ...gpu.fusion import FusableLinear
 from ...kernels import expcode_triton as expcode
 from ...kernels.launch import DEQUANT_BLOCK_BYTES
-from ...qmodules import QLinear, QuantizedWeight
+from ...qmodules import QLinear, QuantizedWeight, eager_only
 from . import exponents
 
 
@@ -77,3 +77,146 @@ class LosslessCudaLinear(FusableLinear, QLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", stream: 12-bit exponent-coded bfloat16"
+
+
+# -- the small operating point: the codes entropy-coded too -----------------------------------------------
+
+SMALL_BLOCK_BYTES = 32 << 20  # code bytes decoded at a time: the workspace (a vocabulary head is cut into blocks of rows)
+ANS_CHUNK = 1 << 16
+
+
+class _Workspace:
+    """Where the small layers of one device decode their codes: as large as the largest block any of them
+    needs (grown when a larger one comes), with nvCOMP's temp buffer. Layers rebuild their matmuls when it
+    moves. One stream at a time: layers on one device share it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buf = torch.empty(0, dtype=torch.uint8, device=device)
+        self.temp = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def ensure(self, nbytes: int, temp_bytes: int) -> None:
+        if nbytes > self.buf.numel():
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if temp_bytes > self.temp.numel():
+            self.temp = torch.empty(temp_bytes, dtype=torch.uint8, device=self.device)
+
+
+_WORKSPACES: dict[int | None, _Workspace] = {}
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    w = _WORKSPACES.get(device.index)
+    if w is None:
+        w = _WORKSPACES[device.index] = _Workspace(device)
+    return w
+
+
+class _Block:
+    """Rows ``r0:r1`` of a small layer: their codes as nvCOMP ANS chunks, and the layout that the matmul
+    reads once they are decoded into the workspace (escapes renumbered from ``r0``)."""
+
+    def __init__(self, t: dict, r0: int, r1: int):
+        from ...gpu import nvcomp
+
+        code = t["code"][r0:r1]
+        self.r0, self.r1, self.nbytes = r0, r1, code.numel()
+        comp, offsets, sizes = nvcomp.ans_encode(code, ANS_CHUNK)
+        outs = [min(ANS_CHUNK, self.nbytes - i) for i in range(0, self.nbytes, ANS_CHUNK)]
+        dev = code.device
+        self.table = nvcomp.ChunkTable(nvcomp.ANS, comp, offsets, sizes, 0, outs, ANS_CHUNK,
+                                       torch.zeros(len(outs), dtype=torch.int32, device=dev), torch.zeros(len(outs), dtype=torch.int64, device=dev))
+        e0, e1 = int(t["row_ptr"][r0]), int(t["row_ptr"][r1])
+        self.rest = {"sm": t["sm"][r0:r1], "row_ptr": t["row_ptr"][r0:r1 + 1] - e0, "esc_row": t["esc_row"][e0:e1] - r0,
+                     "esc_col": t["esc_col"][e0:e1], "esc_bits": t["esc_bits"][e0:e1], "base": t["base"]}
+        self.out_for = self.mm_for = None  # (workspace pointer) what the output table and the matmul were made for
+
+    def decode(self, ws: _Workspace) -> torch.Tensor:
+        """Enqueue the decode of the codes into the workspace; returns their view there."""
+        if self.out_for != ws.buf.data_ptr():
+            self.out_ptrs, self.out_for = self.table.out_table(ws.buf.data_ptr(), ANS_CHUNK), ws.buf.data_ptr()
+        self.table.decode(ws.temp, out_ptrs=self.out_ptrs)
+        return ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
+
+    def matmul(self, ws: _Workspace, bias: torch.Tensor | None) -> "expcode.ExpCodeMatmul":
+        if self.mm_for != (ws.buf.data_ptr(), bias):
+            code = ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
+            self.mm = expcode.ExpCodeMatmul({**self.rest, "code": code}, None if bias is None else bias[self.r0:self.r1])
+            self.mm_for = (ws.buf.data_ptr(), bias)
+        return self.mm
+
+
+class LosslessSmallLinear(LosslessCudaLinear):
+    """``mode="stream"`` with ``gpu_stream_codec="ans"``: the exponent-coded layout with its 4-bit codes
+    kept as nvCOMP ANS chunks (about 2.7 bits per weight, the sign+mantissa bytes as they are: about
+    0.67x of bfloat16's bytes). Before each use the codes are decoded into a workspace shared by the
+    device's small layers (blocks of at most ``SMALL_BLOCK_BYTES``), which the same matmul then reads.
+    Eager only: the decode goes through nvCOMP's C API (CUDA graphs capture it)."""
+
+    relative_speed = 0.66  # L8 shapes at one row on an H100, decode + matmul against bfloat16 cuBLAS, weighted as in L8x4
+
+    @classmethod
+    def held_bytes(cls, rec, dtype):
+        coded = sum(sum(p.chunks) or p.nbytes for n, p in rec.parts.items() if n.startswith("exponent"))  # the file's, about ANS's
+        return rec.numel + coded + 4 * (rec.shape[0] + 1)
+
+    @classmethod
+    def shared_bytes(cls, recs, dtype):
+        block = max(min(r.numel // 2, SMALL_BLOCK_BYTES // (r.shape[1] // 2) * (r.shape[1] // 2)) for r in recs)
+        return block + super().shared_bytes(recs, dtype)
+
+    @classmethod
+    def from_float(cls, module, scheme, parts, compute_dtype, device):
+        new = super().from_float(module, scheme, parts, compute_dtype, device)
+        if isinstance(new, cls):
+            new._entropy_code()
+        return new
+
+    def _entropy_code(self) -> None:
+        """Cut the layout into blocks, ANS-code each block's codes, check that every block decodes back to
+        them, and drop the codes."""
+        t = self.layout()
+        n, kh = t["code"].shape
+        rows = max(1, min(n, SMALL_BLOCK_BYTES // kh))
+        self.blocks = [_Block(t, r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+        ws = _workspace(self.device)
+        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
+        for b in self.blocks:
+            got = b.decode(ws)
+            if not torch.equal(got, t["code"][b.r0:b.r1]) or bool((b.table.statuses != 0).any()):
+                from ...errors import DecodeError
+
+                raise DecodeError("nvCOMP ANS did not give back the exponent codes it was given")
+        for i, b in enumerate(self.blocks):  # (buffers: the module's memory shows them)
+            self.register_buffer(f"ans{i}", b.table.comp, persistent=False)
+        del self._buffers["code"]
+        self.part_names = tuple(p for p in self.part_names if p != "code")
+
+    @eager_only
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
+            return QLinear.forward(self, x)
+        ws = _workspace(self.device)
+        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
+        if len(self.blocks) == 1:
+            b = self.blocks[0]
+            b.decode(ws)
+            return b.matmul(ws, self.bias)(x)
+        y = x.new_empty((*x.shape[:-1], self.out_features))
+        for b in self.blocks:
+            b.decode(ws)
+            y[..., b.r0:b.r1] = b.matmul(ws, self.bias)(x)
+        return y
+
+    plain = forward
+
+    def dequantized(self) -> torch.Tensor:
+        ws = _workspace(self.device)
+        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
+        w = torch.empty((self.out_features, self.in_features), dtype=torch.bfloat16, device=self.device)
+        for b in self.blocks:
+            expcode.decode_into({**b.rest, "code": b.decode(ws)}, 0, b.r1 - b.r0, w[b.r0:b.r1])
+        return w.to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return QLinear.extra_repr(self) + f", stream: exponent-coded bfloat16, codes ANS-coded in {len(self.blocks)} block(s)"
