@@ -102,6 +102,7 @@ def _define():
             from .loader import load_into
 
             load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
+            self.loaded_mode = model.codecllm_mode  # what "auto" chose
             _settle_ties(model)
             return model
 
@@ -120,7 +121,7 @@ def _define():
         def is_compileable(self):
             # generate() with a static cache compiles the forward: resident layers are operators in the
             # graph; stream layers would run between graphs (codecllm.qmodules.eager_only), slower than eager
-            return self.quantization_config.mode != "stream"
+            return getattr(self, "loaded_mode", self.quantization_config.mode) != "stream"
 
     return CodecLLMConfig, CodecLLMQuantizer
 

@@ -24,7 +24,7 @@ from .architecture import empty_model
 from .dtypes import FLOAT_DTYPES, torch_dtype
 from .errors import CodecLLMError, DeviceError, FormatError
 from .format import CllmFile, Record
-from .qmodules import CpuWorkspace, QEmbedding, dense_state_dict
+from .qmodules import CpuWorkspace, QEmbedding, QModule, dense_state_dict
 
 MODES = ("resident", "stream", "auto")
 STREAM_MIN_SAVING = 0.05  # stream mode saving less than this (or holding more) is worth a notice
@@ -169,6 +169,12 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
         raise FormatError(f"{f.path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
     model.eval()
+    by_class: dict[type, list[nn.Module]] = {}
+    for m in model.modules():
+        if isinstance(m, QModule):
+            by_class.setdefault(type(m), []).append(m)
+    for cls, layers in by_class.items():
+        cls.finish_load(layers)
     backend.finish(model)
 
 
@@ -189,17 +195,25 @@ def footprint(path: str | os.PathLike, device: str | torch.device = "cuda", dtyp
     """What each mode would hold of a ``.cllm`` file's tensors on ``device`` ("cpu" or "cuda"; no GPU is
     needed to ask), from the header alone: ``{"resident": {"bytes", "speed"}, "stream": {...}}``, where
     ``bytes`` counts every tensor the model holds (stand-ins' forms, plain tensors in ``dtype``) and the
-    stream layers' workspaces, and ``speed`` is the loader's estimate of a decode step's speed against
-    resident mode's (each stand-in's measured ``relative_speed``, weighted by its weights' resident bytes).
-    Stream mode's escapes and ANS re-encoding are estimated, not counted. ``gpu_stream_codec`` as for
-    ``load``."""
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+    stream layers' workspaces, and ``speed`` is the loader's estimate of a one-token decode step's speed
+    against resident mode's: each stand-in's measured ``relative_speed``, weighted by the resident bytes
+    of the weights a step reads in full (embeddings, read by rows, left out). Stream mode's escapes and
+    ANS re-encoding are estimated, not counted. ``gpu_stream_codec`` as for ``load``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{device!r} is not a torch device") from None
+    if dev.type == "cuda":
+        from .gpu.backend import stream_keys
+
+        keys = stream_keys(gpu_stream_codec)
+    elif dev.type == "cpu":
+        keys = CpuBackend.stream_keys
+    else:
         raise DeviceError(f"device {dev.type!r} is not supported (use 'cpu' or 'cuda')")
     with CllmFile(path) as f:
         dtype = dtype or default_dtype(f, dev)
         model = empty_model(f.config(), dtype)
-        keys = (f"cuda-stream-{gpu_stream_codec}", "cuda-stream") if dev.type == "cuda" and gpu_stream_codec else (f"{dev.type}-stream",)
         return _footprint(f.doc, _targets(model, f.doc)[2], dev.type, keys, dtype)
 
 
@@ -209,7 +223,7 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
     for mode in ("resident", "stream"):
         streamed = _streamed(doc, targets, stream_keys) if mode == "stream" else set()
         held = time = 0.0
-        by_class: dict[type, list[Record]] = {}
+        by_owner: dict[type, list[Record]] = {}  # records by the class whose workspaces they share
         for name, mods in targets.items():
             rec = doc.tensors[name]
             cls = _holder(rec, mods, backend, stream_keys if name in streamed else None)
@@ -217,11 +231,13 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
                 n = rec.numel * (dtype.itemsize if rec.dtype in FLOAT_DTYPES else torch_dtype(rec.dtype).itemsize)
             else:
                 n = cls.held_bytes(rec, dtype)
-                by_class.setdefault(cls, []).append(rec)
+                owner = next(c for c in cls.__mro__ if "shared_bytes" in c.__dict__)
+                by_owner.setdefault(owner, []).append(rec)
             resident.setdefault(name, n)
             held += n
-            time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
-        held += sum(cls.shared_bytes(recs, dtype) for cls, recs in by_class.items())
+            if not any(isinstance(m, nn.Embedding) for _, m, _ in mods):
+                time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
+        held += sum(owner.shared_bytes(recs, dtype) for owner, recs in by_owner.items())
         out[mode] = {"bytes": int(held), "time": time}
     base = out["resident"]["time"]
     return {m: {"bytes": v["bytes"], "speed": base / v["time"] if v["time"] else 1.0} for m, v in out.items()}

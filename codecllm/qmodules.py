@@ -74,6 +74,10 @@ class QModule(nn.Module):
     def shared_bytes(cls, recs: list, dtype: torch.dtype) -> int:
         return 0
 
+    @classmethod
+    def finish_load(cls, layers: list) -> None:
+        """Called once a model is loaded, with every stand-in of this class in it (to share workspaces)."""
+
     def __init__(self, scheme, parts: dict[str, torch.Tensor], weight_shape: tuple[int, ...], compute_dtype: torch.dtype,
                  device: torch.device):
         nn.Module.__init__(self)

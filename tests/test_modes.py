@@ -59,11 +59,11 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
     codecllm.convert(src, out, quant="int8")
     plan = footprint(out, "cpu")
     with CllmFile(out) as f:
-        quantized = [r for r in f.doc.tensors.values() if r.scheme.id == "int8"]
-        # the int8 Linear weights stored entropy-coded (raw ones, and float layers larger than every int8 one,
-        # here the down projections kept in float, stay resident)
+        quantized = [r for r in f.doc.tensors.values() if not r.scheme.lossless]
+        # the quantized Linear weights stored entropy-coded (raw ones, and float layers larger than every
+        # quantized one, here the down projections kept in float, stay resident)
         stream_recs = [r for r in quantized if r.name in linear_names(f) and r.main.chunks]
-        others = sum(r.numel * 4 for r in f.doc.tensors.values() if r.scheme.id != "int8")
+        others = sum(r.numel * 4 for r in f.doc.tensors.values() if r.scheme.lossless)
         resident = others + sum(p.nbytes for r in quantized for p in r.parts.values())
         stream = resident + sum(sum(r.main.chunks) - r.main.nbytes for r in stream_recs) + max(r.main.nbytes for r in stream_recs)
     assert len(stream_recs) >= 8
@@ -79,6 +79,23 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
     else:
         assert notices == []
     assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
+
+
+def test_stream_layers_of_two_schemes_share_one_workspace(tmp_path):
+    """int8 with the q projections in int4: both schemes' CPU stream layers decode into the model's one
+    workspace, which the estimate counts once (as large as the largest main part streamed)."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int8", overrides=[("*.q_proj", "int4:g32")])
+    with CllmFile(out) as f:
+        recs = f.doc.tensors.values()
+        assert {r.scheme.id for r in recs} >= {"int8", "int4"}
+        quantized = [r for r in recs if not r.scheme.lossless]
+        streamed = [r for r in quantized if r.name in linear_names(f) and r.main.chunks]
+        resident = sum(r.numel * 4 for r in recs if r.scheme.lossless) + sum(p.nbytes for r in quantized for p in r.parts.values())
+        stream = resident + sum(sum(r.main.chunks) - r.main.nbytes for r in streamed) + max(r.main.nbytes for r in streamed)
+    assert {f.doc.tensors[r.name].scheme.id for r in streamed} == {"int8", "int4"}
+    assert footprint(out, "cpu")["stream"]["bytes"] == stream
 
 
 def test_stream_that_holds_as_much_warns_once(tmp_path):
@@ -119,6 +136,10 @@ def test_mode_and_device_errors(tmp_path, tiny_llama):
         codecllm.load(out, mode="fast")
     with pytest.raises(codecllm.CodecLLMError, match="device 'mps' is not supported"):
         footprint(out, "mps")
+    with pytest.raises(codecllm.CodecLLMError, match="'gpu' is not a torch device"):
+        footprint(out, "gpu")
+    with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
+        footprint(out, "cuda", gpu_stream_codec="lz4")
 
 
 def test_dump_shows_gpu_bytes_per_mode(tmp_path, tiny_llama):

@@ -30,6 +30,13 @@ from .stream import StreamSchedule, aligned
 STREAM_CODECS = (None, "ans", "zstd")
 
 
+def stream_keys(stream_codec: str | None) -> tuple[str, ...]:
+    """The registry keys under which stream stand-ins are looked up, most specific first."""
+    if stream_codec not in STREAM_CODECS:
+        raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(map(repr, STREAM_CODECS))}")
+    return (f"cuda-stream-{stream_codec}", "cuda-stream") if stream_codec else ("cuda-stream",)
+
+
 class _Arena:
     """One allocation for many tensors decoded at load: the caching allocator rounds every large
     allocation up, and many separate weights would waste tens of MB."""
@@ -52,9 +59,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, f: CllmFile, device: torch.device, stream_codec: str | None = None):
-        if stream_codec not in STREAM_CODECS:
-            raise DeviceError(f"stream codec {stream_codec!r} is not one of {', '.join(map(repr, STREAM_CODECS))}")
-        self.stream_keys = (f"cuda-stream-{stream_codec}", "cuda-stream") if stream_codec else ("cuda-stream",)
+        self.stream_keys = stream_keys(stream_codec)
         nvcomp.library()  # a clear error now if nvCOMP is missing
         self.f, self.device, self.stream_codec = f, device, stream_codec
         self.main = self.sides = _Arena(device, 0)

@@ -81,7 +81,7 @@ class Lossless(Scheme):
     def dequantize(self, parts, dtype):
         if "high" in parts:  # F16
             shape = parts["data"].shape
-            out = torch.empty((parts["data"].numel(), 2), dtype=torch.uint8)
+            out = torch.empty((parts["data"].numel(), 2), dtype=torch.uint8, device=parts["data"].device)
             out[:, 0], out[:, 1] = parts["data"].reshape(-1), parts["high"].reshape(-1)
             t = out.view(torch.float16).reshape(shape)
         elif "exponent" in parts:  # BF16, or F32 with its low half in ``data``

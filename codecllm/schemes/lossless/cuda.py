@@ -14,7 +14,7 @@ from torch import nn
 
 from ...gpu.fusion import FusableLinear
 from ...kernels import expcode_triton as expcode
-from ...kernels.launch import DEQUANT_BLOCK_BYTES
+from ...kernels import launch
 from ...qmodules import QLinear, QuantizedWeight, eager_only
 from . import exponents
 
@@ -33,7 +33,7 @@ class LosslessCudaLinear(FusableLinear, QLinear):
     @classmethod
     def shared_bytes(cls, recs, dtype):
         # more than one row: the block of rows decoded for cuBLAS (``launch.cublas_linear``)
-        return max(min(DEQUANT_BLOCK_BYTES, r.numel * dtype.itemsize) for r in recs)
+        return max(min(launch.DEQUANT_BLOCK_BYTES, r.numel * dtype.itemsize) for r in recs)
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):
@@ -67,9 +67,6 @@ class LosslessCudaLinear(FusableLinear, QLinear):
             mm = self.__dict__["_mm"] = expcode.ExpCodeMatmul(self.layout(), self.bias)
         return mm(x)
 
-    def linear(self, x, parts):
-        return expcode.ExpCodeMatmul({**parts, "base": self.base}, self.bias)(x)
-
     def dequantized(self) -> torch.Tensor:
         n, k = self._buffers["sm"].shape
         w = torch.empty((n, k), dtype=torch.bfloat16, device=self.device)
@@ -86,30 +83,12 @@ ANS_CHUNK = 1 << 16
 
 
 class _Workspace:
-    """Where the small layers of one device decode their codes: as large as the largest block any of them
-    needs (grown when a larger one comes), with nvCOMP's temp buffer. Layers rebuild their matmuls when it
-    moves. One stream at a time: layers on one device share it."""
+    """Where the small layers of one model decode their codes (``LosslessSmallLinear.finish_load``): as
+    large as the largest block, with nvCOMP's temp buffer. One stream at a time computes with a model."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.buf = torch.empty(0, dtype=torch.uint8, device=device)
-        self.temp = torch.empty(0, dtype=torch.uint8, device=device)
-
-    def ensure(self, nbytes: int, temp_bytes: int) -> None:
-        if nbytes > self.buf.numel():
-            self.buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        if temp_bytes > self.temp.numel():
-            self.temp = torch.empty(temp_bytes, dtype=torch.uint8, device=self.device)
-
-
-_WORKSPACES: dict[int | None, _Workspace] = {}
-
-
-def _workspace(device: torch.device) -> _Workspace:
-    w = _WORKSPACES.get(device.index)
-    if w is None:
-        w = _WORKSPACES[device.index] = _Workspace(device)
-    return w
+    def __init__(self, device: torch.device, nbytes: int, temp_bytes: int):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.temp = torch.empty(max(temp_bytes, 1), dtype=torch.uint8, device=device)
 
 
 class _Block:
@@ -126,23 +105,26 @@ class _Block:
         dev = code.device
         self.table = nvcomp.ChunkTable(nvcomp.ANS, comp, offsets, sizes, 0, outs, ANS_CHUNK,
                                        torch.zeros(len(outs), dtype=torch.int32, device=dev), torch.zeros(len(outs), dtype=torch.int64, device=dev))
-        e0, e1 = int(t["row_ptr"][r0]), int(t["row_ptr"][r1])
-        self.rest = {"sm": t["sm"][r0:r1], "row_ptr": t["row_ptr"][r0:r1 + 1] - e0, "esc_row": t["esc_row"][e0:e1] - r0,
-                     "esc_col": t["esc_col"][e0:e1], "esc_bits": t["esc_bits"][e0:e1], "base": t["base"]}
-        self.out_for = self.mm_for = None  # (workspace pointer) what the output table and the matmul were made for
+        if r0 == 0 and r1 == t["code"].shape[0]:  # the whole weight: its own tensors
+            self.rest = {n: t[n] for n in ("sm", "row_ptr", "esc_row", "esc_col", "esc_bits", "base")}
+        else:
+            e0, e1 = int(t["row_ptr"][r0]), int(t["row_ptr"][r1])
+            self.rest = {"sm": t["sm"][r0:r1], "row_ptr": t["row_ptr"][r0:r1 + 1] - e0, "esc_row": t["esc_row"][e0:e1] - r0,
+                         "esc_col": t["esc_col"][e0:e1], "esc_bits": t["esc_bits"][e0:e1], "base": t["base"]}
+        self.out_for = self.mm_ws = self.mm_bias = None  # what the output table and the matmul were made for
 
     def decode(self, ws: _Workspace) -> torch.Tensor:
         """Enqueue the decode of the codes into the workspace; returns their view there."""
-        if self.out_for != ws.buf.data_ptr():
-            self.out_ptrs, self.out_for = self.table.out_table(ws.buf.data_ptr(), ANS_CHUNK), ws.buf.data_ptr()
+        if self.out_for is not ws:
+            self.out_ptrs, self.out_for = self.table.out_table(ws.buf.data_ptr(), ANS_CHUNK), ws
         self.table.decode(ws.temp, out_ptrs=self.out_ptrs)
         return ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
 
     def matmul(self, ws: _Workspace, bias: torch.Tensor | None) -> "expcode.ExpCodeMatmul":
-        if self.mm_for != (ws.buf.data_ptr(), bias):
+        if self.mm_ws is not ws or self.mm_bias is not bias:
             code = ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
             self.mm = expcode.ExpCodeMatmul({**self.rest, "code": code}, None if bias is None else bias[self.r0:self.r1])
-            self.mm_for = (ws.buf.data_ptr(), bias)
+            self.mm_ws, self.mm_bias = ws, bias
         return self.mm
 
 
@@ -150,10 +132,10 @@ class LosslessSmallLinear(LosslessCudaLinear):
     """``mode="stream"`` with ``gpu_stream_codec="ans"``: the exponent-coded layout with its 4-bit codes
     kept as nvCOMP ANS chunks (about 2.7 bits per weight, the sign+mantissa bytes as they are: about
     0.67x of bfloat16's bytes). Before each use the codes are decoded into a workspace shared by the
-    device's small layers (blocks of at most ``SMALL_BLOCK_BYTES``), which the same matmul then reads.
+    model's small layers (blocks of at most ``SMALL_BLOCK_BYTES``), which the same matmul then reads.
     Eager only: the decode goes through nvCOMP's C API (CUDA graphs capture it)."""
 
-    relative_speed = 0.66  # L8 shapes at one row on an H100, decode + matmul against bfloat16 cuBLAS, weighted as in L8x4
+    relative_speed = 0.56  # L8x4 in bfloat16 on an H100: a decode step 2.711 ms, 1.531 ms with bf16 weights
 
     @classmethod
     def held_bytes(cls, rec, dtype):
@@ -179,25 +161,38 @@ class LosslessSmallLinear(LosslessCudaLinear):
         n, kh = t["code"].shape
         rows = max(1, min(n, SMALL_BLOCK_BYTES // kh))
         self.blocks = [_Block(t, r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
-        ws = _workspace(self.device)
-        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
-        for b in self.blocks:
+        self.block_bytes = max(b.nbytes for b in self.blocks)
+        self.temp_bytes = max(b.table.temp_bytes for b in self.blocks)
+        self.ws = None  # the model's, from ``finish_load``
+        ws = _Workspace(self.device, self.block_bytes, self.temp_bytes)
+        for i, b in enumerate(self.blocks):
             got = b.decode(ws)
             if not torch.equal(got, t["code"][b.r0:b.r1]) or bool((b.table.statuses != 0).any()):
                 from ...errors import DecodeError
 
                 raise DecodeError("nvCOMP ANS did not give back the exponent codes it was given")
-        for i, b in enumerate(self.blocks):  # (buffers: the module's memory shows them)
-            self.register_buffer(f"ans{i}", b.table.comp, persistent=False)
+            self.register_buffer(f"ans{i}", b.table.comp, persistent=False)  # (the module's memory shows them)
+            b.out_for = b.out_ptrs = None  # (this workspace is freed now)
         del self._buffers["code"]
         self.part_names = tuple(p for p in self.part_names if p != "code")
+
+    @classmethod
+    def finish_load(cls, layers: list) -> None:
+        """One workspace for the model's small layers, as large as the largest block of any."""
+        ws = _Workspace(layers[0].device, max(l.block_bytes for l in layers), max(l.temp_bytes for l in layers))
+        for layer in layers:
+            layer.ws = ws
+
+    def _workspace(self) -> _Workspace:
+        if self.ws is None:  # a layer made outside the loader
+            self.ws = _Workspace(self.device, self.block_bytes, self.temp_bytes)
+        return self.ws
 
     @eager_only
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
             return QLinear.forward(self, x)
-        ws = _workspace(self.device)
-        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
+        ws = self._workspace()
         if len(self.blocks) == 1:
             b = self.blocks[0]
             b.decode(ws)
@@ -211,8 +206,7 @@ class LosslessSmallLinear(LosslessCudaLinear):
     plain = forward
 
     def dequantized(self) -> torch.Tensor:
-        ws = _workspace(self.device)
-        ws.ensure(max(b.nbytes for b in self.blocks), max(b.table.temp_bytes for b in self.blocks))
+        ws = self._workspace()
         w = torch.empty((self.out_features, self.in_features), dtype=torch.bfloat16, device=self.device)
         for b in self.blocks:
             expcode.decode_into({**b.rest, "code": b.decode(ws)}, 0, b.r1 - b.r0, w[b.r0:b.r1])
