@@ -102,7 +102,7 @@ def _define():
             from .loader import load_into
 
             load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
-            self.loaded_mode = model.codecllm_mode  # what "auto" chose
+            self.compiles = all(getattr(m, "compiles", True) for m in model.modules())  # (stream layers that decode through ctypes do not)
             _settle_ties(model)
             return model
 
@@ -119,9 +119,10 @@ def _define():
 
         @property
         def is_compileable(self):
-            # generate() with a static cache compiles the forward: resident layers are operators in the
-            # graph; stream layers would run between graphs (codecllm.qmodules.eager_only), slower than eager
-            return getattr(self, "loaded_mode", self.quantization_config.mode) != "stream"
+            # generate() with a static cache compiles the forward: resident layers (and lossless fast stream
+            # ones) are operators in the graph; other stream layers would run between graphs
+            # (codecllm.qmodules.eager_only), slower than eager
+            return getattr(self, "compiles", self.quantization_config.mode != "stream")
 
     return CodecLLMConfig, CodecLLMQuantizer
 

@@ -169,12 +169,12 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
         raise FormatError(f"{f.path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
     model.eval()
-    by_class: dict[type, list[nn.Module]] = {}
+    by_owner: dict[type, list[nn.Module]] = {}  # stand-ins by the class whose finish_load they share
     for m in model.modules():
         if isinstance(m, QModule):
-            by_class.setdefault(type(m), []).append(m)
-    for cls, layers in by_class.items():
-        cls.finish_load(layers)
+            by_owner.setdefault(next(c for c in type(m).__mro__ if "finish_load" in c.__dict__), []).append(m)
+    for owner, layers in by_owner.items():
+        owner.finish_load(layers)
     backend.finish(model)
 
 
@@ -235,7 +235,7 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
                 by_owner.setdefault(owner, []).append(rec)
             resident.setdefault(name, n)
             held += n
-            if not any(isinstance(m, nn.Embedding) for _, m, _ in mods):
+            if not all(isinstance(m, nn.Embedding) for _, m, _ in mods):  # (a tied head reads its weight in full)
                 time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
         held += sum(owner.shared_bytes(recs, dtype) for owner, recs in by_owner.items())
         out[mode] = {"bytes": int(held), "time": time}

@@ -60,11 +60,14 @@ class QModule(nn.Module):
     optimum-quanto), though that class's ``__init__`` never runs: no float weight is ever allocated.
 
     What a stand-in class would hold for a record, before any is built (``codecllm.loader.footprint``):
-    ``held_bytes`` per weight, ``shared_bytes`` once per model for all its weights of that class
-    (workspaces), and ``relative_speed``, the decode-step speed of its weights against the same weights
-    resident, as measured (an estimate for the loader's choice of mode)."""
+    ``held_bytes`` per weight, ``shared_bytes`` once per model for the weights of every class that
+    inherits it from this one (workspaces), and ``relative_speed``, the decode-step speed of its weights
+    against the same weights resident, as measured (an estimate for the loader's choice of mode).
+    ``compiles``: whether ``torch.compile`` traces its forward (stream layers that decode through
+    ctypes run between graphs)."""
 
     relative_speed: float = 1.0
+    compiles: bool = True
 
     @classmethod
     def held_bytes(cls, rec, dtype: torch.dtype) -> int:
@@ -76,7 +79,8 @@ class QModule(nn.Module):
 
     @classmethod
     def finish_load(cls, layers: list) -> None:
-        """Called once a model is loaded, with every stand-in of this class in it (to share workspaces)."""
+        """Called once a model is loaded, with its stand-ins of every class that inherits this method from
+        this class (to share workspaces)."""
 
     def __init__(self, scheme, parts: dict[str, torch.Tensor], weight_shape: tuple[int, ...], compute_dtype: torch.dtype,
                  device: torch.device):
@@ -248,6 +252,7 @@ class CpuStream:
     resident."""
 
     relative_speed = 0.2  # SmolLM2 int8 on the 2-core CPU: stream 114 ms per token, resident 22 ms
+    compiles = False
 
     @classmethod
     def held_bytes(cls, rec, dtype):

@@ -179,3 +179,18 @@ def test_cuda_stream_mode_keeps_bf16_linear_weights_exponent_coded(tmp_path, dty
     assert streamed == (linears if compact else set())
     assert "lm_head.weight" in linears
     assert kinds == ([LosslessCudaLinear, LosslessSmallLinear] if compact else [None, None])
+
+
+def test_small_layers_group_without_growing_the_workspace():
+    """Lossless small stream mode decodes neighbouring single-block layers in one nvCOMP call: runs of them
+    up to the largest single-block layer's codes (L8x4: q, k, v and o together; gate, up, down alone), a
+    layer of several blocks (the head) alone, so the workspace is what the largest block needs anyway."""
+    from codecllm.schemes.lossless.cuda import SMALL_BLOCK_BYTES, _groups, _workspace_bytes
+
+    mib = 1 << 20
+    layer = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+    sizes = [n * k // 2 for n, k in layer]
+    assert _groups(sizes * 2 + [None]) == [[0, 1, 2, 3], [4], [5], [6], [7, 8, 9, 10], [11], [12], [13]]
+    assert _workspace_bytes(layer * 4) == 28 * mib  # a gate projection's codes
+    assert _workspace_bytes(layer * 4 + [(128256, 4096)]) == SMALL_BLOCK_BYTES  # the head's blocks
+    assert _groups([100, None, 300, 50]) == [[0], [2], [3]] and _groups([]) == [] and _groups([None]) == []

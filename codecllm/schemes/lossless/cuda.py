@@ -24,7 +24,7 @@ MAX_ESCAPES = 0.01  # beyond this share of escaped weights the layout saves litt
 
 class LosslessCudaLinear(FusableLinear, QLinear):
     fusable = False
-    relative_speed = 1.09  # L8x4 in bfloat16 on an H100: a decode step 1.406 ms, 1.531 ms with bf16 weights
+    relative_speed = 1.09  # L8x4 in bfloat16 on an H100: a decode step 1.410 ms, 1.533 ms with bf16 weights
 
     @classmethod
     def held_bytes(cls, rec, dtype):
@@ -80,6 +80,41 @@ class LosslessCudaLinear(FusableLinear, QLinear):
 
 SMALL_BLOCK_BYTES = 32 << 20  # code bytes decoded at a time: the workspace (a vocabulary head is cut into blocks of rows)
 ANS_CHUNK = 1 << 16
+ALIGN = 256
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _block_rows(n: int, k: int) -> int:
+    """Rows per block of an ``[n, k]`` weight (``k // 2`` code bytes a row)."""
+    return max(1, min(n, SMALL_BLOCK_BYTES // (k // 2)))
+
+
+def _groups(sizes: list) -> list[list[int]]:
+    """Runs of consecutive single-block layers (``sizes``: their code bytes, None for a layer of several
+    blocks), each holding at most as many code bytes as the largest single-block layer (so the workspace
+    grows by nothing), as lists of indices."""
+    cap = max([_aligned(n) for n in sizes if n is not None], default=0)
+    groups, cur, total = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and (n is None or total + _aligned(n) > cap):
+            groups.append(cur)
+            cur, total = [], 0
+        if n is not None:
+            cur.append(i)
+            total += _aligned(n)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _workspace_bytes(shapes: list[tuple[int, int]]) -> int:
+    """The workspace the small layers of these weight shapes (in model order) need."""
+    sizes = [n * (k // 2) if _block_rows(n, k) == n else None for n, k in shapes]
+    blocks = [_block_rows(n, k) * (k // 2) for n, k in shapes if _block_rows(n, k) < n]
+    return max([sum(_aligned(sizes[i]) for i in g) for g in _groups(sizes)] + blocks)
 
 
 class _Workspace:
@@ -89,6 +124,22 @@ class _Workspace:
     def __init__(self, device: torch.device, nbytes: int, temp_bytes: int):
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.temp = torch.empty(max(temp_bytes, 1), dtype=torch.uint8, device=device)
+        self.holder = None  # the ``_Group`` whose codes the workspace holds (on the stream, in order)
+
+
+class _Group:
+    """Single-block layers next to each other in the model (an attention block's q, k, v and o
+    projections), whose codes one nvCOMP call decodes, each at its offset in the workspace: the first of
+    them to run decodes them all (nvCOMP costs about 14 us a call, more than a k projection's codes take
+    to decode). The workspace's ``holder`` says when the codes are still there."""
+
+    def __init__(self, blocks: list["_Block"], offsets: list[int], ws: _Workspace):
+        from ...gpu import nvcomp
+
+        total, dev = sum(b.table.num_chunks for b in blocks), ws.buf.device
+        self.table = nvcomp.ChunkTable.concat([b.table for b in blocks], torch.zeros(total, dtype=torch.int32, device=dev),
+                                              torch.zeros(total, dtype=torch.int64, device=dev))
+        self.out_ptrs = torch.cat([b.table.out_table(ws.buf.data_ptr() + o, ANS_CHUNK) for b, o in zip(blocks, offsets)])
 
 
 class _Block:
@@ -111,20 +162,22 @@ class _Block:
             e0, e1 = int(t["row_ptr"][r0]), int(t["row_ptr"][r1])
             self.rest = {"sm": t["sm"][r0:r1], "row_ptr": t["row_ptr"][r0:r1 + 1] - e0, "esc_row": t["esc_row"][e0:e1] - r0,
                          "esc_col": t["esc_col"][e0:e1], "esc_bits": t["esc_bits"][e0:e1], "base": t["base"]}
-        self.out_for = self.mm_ws = self.mm_bias = None  # what the output table and the matmul were made for
+        self.out_for = self.mm_ws = self.mm_bias = self.mm_offset = None  # what the output table and the matmul were made for
 
     def decode(self, ws: _Workspace) -> torch.Tensor:
-        """Enqueue the decode of the codes into the workspace; returns their view there."""
+        """Enqueue the decode of the codes into the workspace (at its start); returns their view there."""
         if self.out_for is not ws:
             self.out_ptrs, self.out_for = self.table.out_table(ws.buf.data_ptr(), ANS_CHUNK), ws
         self.table.decode(ws.temp, out_ptrs=self.out_ptrs)
+        ws.holder = None
         return ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
 
-    def matmul(self, ws: _Workspace, bias: torch.Tensor | None) -> "expcode.ExpCodeMatmul":
-        if self.mm_ws is not ws or self.mm_bias is not bias:
-            code = ws.buf[:self.nbytes].view(self.r1 - self.r0, -1)
+    def matmul(self, ws: _Workspace, bias: torch.Tensor | None, offset: int = 0) -> "expcode.ExpCodeMatmul":
+        """The matmul reading the codes at ``offset`` in the workspace."""
+        if self.mm_ws is not ws or self.mm_bias is not bias or self.mm_offset != offset:
+            code = ws.buf[offset:offset + self.nbytes].view(self.r1 - self.r0, -1)
             self.mm = expcode.ExpCodeMatmul({**self.rest, "code": code}, None if bias is None else bias[self.r0:self.r1])
-            self.mm_ws, self.mm_bias = ws, bias
+            self.mm_ws, self.mm_bias, self.mm_offset = ws, bias, offset
         return self.mm
 
 
@@ -132,10 +185,12 @@ class LosslessSmallLinear(LosslessCudaLinear):
     """``mode="stream"`` with ``gpu_stream_codec="ans"``: the exponent-coded layout with its 4-bit codes
     kept as nvCOMP ANS chunks (about 2.7 bits per weight, the sign+mantissa bytes as they are: about
     0.67x of bfloat16's bytes). Before each use the codes are decoded into a workspace shared by the
-    model's small layers (blocks of at most ``SMALL_BLOCK_BYTES``), which the same matmul then reads.
+    model's small layers (blocks of at most ``SMALL_BLOCK_BYTES``; neighbouring single-block layers decode
+    in one call, ``_Group``), which the same matmul then reads.
     Eager only: the decode goes through nvCOMP's C API (CUDA graphs capture it)."""
 
-    relative_speed = 0.56  # L8x4 in bfloat16 on an H100: a decode step 2.711 ms, 1.531 ms with bf16 weights
+    relative_speed = 0.62  # L8x4 in bfloat16 on an H100: a decode step 2.485 ms, 1.536 ms with bf16 weights
+    compiles = False
 
     @classmethod
     def held_bytes(cls, rec, dtype):
@@ -144,8 +199,7 @@ class LosslessSmallLinear(LosslessCudaLinear):
 
     @classmethod
     def shared_bytes(cls, recs, dtype):
-        block = max(min(r.numel // 2, SMALL_BLOCK_BYTES // (r.shape[1] // 2) * (r.shape[1] // 2)) for r in recs)
-        return block + super().shared_bytes(recs, dtype)
+        return _workspace_bytes([tuple(r.shape) for r in recs]) + super().shared_bytes(recs, dtype)
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):
@@ -159,7 +213,8 @@ class LosslessSmallLinear(LosslessCudaLinear):
         them, and drop the codes."""
         t = self.layout()
         n, kh = t["code"].shape
-        rows = max(1, min(n, SMALL_BLOCK_BYTES // kh))
+        rows = _block_rows(n, 2 * kh)
+        self.group = self.offset = None  # from ``finish_load``
         self.blocks = [_Block(t, r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
         self.block_bytes = max(b.nbytes for b in self.blocks)
         self.temp_bytes = max(b.table.temp_bytes for b in self.blocks)
@@ -178,8 +233,16 @@ class LosslessSmallLinear(LosslessCudaLinear):
 
     @classmethod
     def finish_load(cls, layers: list) -> None:
-        """One workspace for the model's small layers, as large as the largest block of any."""
-        ws = _Workspace(layers[0].device, max(l.block_bytes for l in layers), max(l.temp_bytes for l in layers))
+        """One workspace for the model's small layers, and their groups (``_Group``, in model order)."""
+        ws = _Workspace(layers[0].device, _workspace_bytes([(l.out_features, l.in_features) for l in layers]), 1)
+        temp = max(l.temp_bytes for l in layers)
+        for g in _groups([l.blocks[0].nbytes if len(l.blocks) == 1 else None for l in layers]):
+            offsets = [sum(_aligned(layers[j].blocks[0].nbytes) for j in g[:i]) for i in range(len(g))]
+            group = _Group([layers[i].blocks[0] for i in g], offsets, ws)
+            temp = max(temp, group.table.temp_bytes)
+            for i, off in zip(g, offsets):
+                layers[i].group, layers[i].offset = group, off
+        ws.temp = torch.empty(max(temp, 1), dtype=torch.uint8, device=ws.buf.device)
         for layer in layers:
             layer.ws = ws
 
@@ -193,6 +256,11 @@ class LosslessSmallLinear(LosslessCudaLinear):
         if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
             return QLinear.forward(self, x)
         ws = self._workspace()
+        if self.group is not None:
+            if ws.holder is not self.group:
+                self.group.table.decode(ws.temp, out_ptrs=self.group.out_ptrs)
+                ws.holder = self.group
+            return self.blocks[0].matmul(ws, self.bias, self.offset)(x)
         if len(self.blocks) == 1:
             b = self.blocks[0]
             b.decode(ws)
