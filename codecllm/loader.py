@@ -72,9 +72,10 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _backend(f: CllmFile, dev: torch.device, gpu_stream_codec: str | None):
-    if dev.type == "cuda":
-        from .gpu.backend import CudaBackend
+    from .gpu.backend import CudaBackend, stream_keys
 
+    stream_keys(gpu_stream_codec)  # a bad value is an error on any device
+    if dev.type == "cuda":
         return CudaBackend(f, dev, gpu_stream_codec)
     return CpuBackend(f, dev)
 

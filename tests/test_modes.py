@@ -140,6 +140,8 @@ def test_mode_and_device_errors(tmp_path, tiny_llama):
         footprint(out, "gpu")
     with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
         footprint(out, "cuda", gpu_stream_codec="lz4")
+    with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
+        codecllm.load(out, mode="stream", gpu_stream_codec="lz4")  # on the CPU too, where it would do nothing
 
 
 def test_dump_shows_gpu_bytes_per_mode(tmp_path, tiny_llama):
