@@ -204,13 +204,12 @@ def footprint(path: str | os.PathLike, device: str | torch.device = "cuda", dtyp
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise DeviceError(f"{device!r} is not a torch device") from None
-    if dev.type == "cuda":
-        from .gpu.backend import stream_keys
+    from .gpu.backend import stream_keys
 
-        keys = stream_keys(gpu_stream_codec)
-    elif dev.type == "cpu":
+    keys = stream_keys(gpu_stream_codec)  # (checked on any device)
+    if dev.type == "cpu":
         keys = CpuBackend.stream_keys
-    else:
+    elif dev.type != "cuda":
         raise DeviceError(f"device {dev.type!r} is not supported (use 'cpu' or 'cuda')")
     with CllmFile(path) as f:
         dtype = dtype or default_dtype(f, dev)

@@ -74,10 +74,8 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
         model = codecllm.load(out, mode="stream")
     notices = [str(w.message) for w in caught if "stream mode holds" in str(w.message)]
     assert model.codecllm_mode == "stream"
-    if stream > 0.95 * resident:
-        assert len(notices) == 1 and "\n" not in notices[0] and f"{resident / 1e6:.1f} MB" in notices[0], notices
-    else:
-        assert notices == []
+    assert stream > 0.95 * resident  # (this tiny model's workspace outweighs what zstd saves)
+    assert len(notices) == 1 and "\n" not in notices[0] and f"{resident / 1e6:.1f} MB" in notices[0], notices
     assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
 
 
@@ -140,6 +138,8 @@ def test_mode_and_device_errors(tmp_path, tiny_llama):
         footprint(out, "gpu")
     with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
         footprint(out, "cuda", gpu_stream_codec="lz4")
+    with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
+        footprint(out, "cpu", gpu_stream_codec="lz4")
     with pytest.raises(codecllm.CodecLLMError, match="stream codec 'lz4' is not one of None, 'ans', 'zstd'"):
         codecllm.load(out, mode="stream", gpu_stream_codec="lz4")  # on the CPU too, where it would do nothing
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...gpu.fusion import FusableLinear
+from ...gpu.stream import aligned
 from ...kernels import expcode_triton as expcode
 from ...kernels import launch
 from ...qmodules import QLinear, QuantizedWeight, eager_only
@@ -80,11 +81,6 @@ class LosslessCudaLinear(FusableLinear, QLinear):
 
 SMALL_BLOCK_BYTES = 32 << 20  # code bytes decoded at a time: the workspace (a vocabulary head is cut into blocks of rows)
 ANS_CHUNK = 1 << 16
-ALIGN = 256
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _block_rows(n: int, k: int) -> int:
@@ -96,25 +92,24 @@ def _groups(sizes: list) -> list[list[int]]:
     """Runs of consecutive single-block layers (``sizes``: their code bytes, None for a layer of several
     blocks), each holding at most as many code bytes as the largest single-block layer (so the workspace
     grows by nothing), as lists of indices."""
-    cap = max([_aligned(n) for n in sizes if n is not None], default=0)
+    cap = max([aligned(n) for n in sizes if n is not None], default=0)
     groups, cur, total = [], [], 0
     for i, n in enumerate(sizes):
-        if cur and (n is None or total + _aligned(n) > cap):
+        if cur and (n is None or total + aligned(n) > cap):
             groups.append(cur)
             cur, total = [], 0
         if n is not None:
             cur.append(i)
-            total += _aligned(n)
+            total += aligned(n)
     if cur:
         groups.append(cur)
     return groups
 
 
 def _workspace_bytes(shapes: list[tuple[int, int]]) -> int:
-    """The workspace the small layers of these weight shapes (in model order) need."""
-    sizes = [n * (k // 2) if _block_rows(n, k) == n else None for n, k in shapes]
-    blocks = [_block_rows(n, k) * (k // 2) for n, k in shapes if _block_rows(n, k) < n]
-    return max([sum(_aligned(sizes[i]) for i in g) for g in _groups(sizes)] + blocks)
+    """The workspace the small layers of these weight shapes need: the largest block (a group holds no
+    more than its largest single-block layer, ``_groups``)."""
+    return max(aligned(_block_rows(n, k) * (k // 2)) for n, k in shapes)
 
 
 class _Workspace:
@@ -237,7 +232,7 @@ class LosslessSmallLinear(LosslessCudaLinear):
         ws = _Workspace(layers[0].device, _workspace_bytes([(l.out_features, l.in_features) for l in layers]), 1)
         temp = max(l.temp_bytes for l in layers)
         for g in _groups([l.blocks[0].nbytes if len(l.blocks) == 1 else None for l in layers]):
-            offsets = [sum(_aligned(layers[j].blocks[0].nbytes) for j in g[:i]) for i in range(len(g))]
+            offsets = [sum(aligned(layers[j].blocks[0].nbytes) for j in g[:i]) for i in range(len(g))]
             group = _Group([layers[i].blocks[0] for i in g], offsets, ws)
             temp = max(temp, group.table.temp_bytes)
             for i, off in zip(g, offsets):
