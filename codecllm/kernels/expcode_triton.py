@@ -248,6 +248,7 @@ class ExpCodeMatmul:
             raise ValueError("ExpCodeMatmul needs a contiguous bias")
         self.tensors = tuple(t[n] for n in TENSORS)
         self.tail = (*(p.data_ptr() for p in self.tensors), (bias if bias is not None else t["sm"]).data_ptr())
+        self.aligned = tuple(p % 16 == 0 for p in self.tail)  # Triton specializes on 16-byte alignment
         self.has_bias = bias is not None
         self.launchers: dict[tuple, Launcher] = {}
 
@@ -281,7 +282,7 @@ class ExpCodeMatmul:
     def _first(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Tune (or find) the GEMV for this layout; computes ``y`` on the way."""
         sx, xa = x.stride(-1), x.data_ptr() % 16 == 0
-        key = ("expcode-gemv", x.dtype, self.bias.dtype if self.has_bias else None, self.n, self.k, sx, xa, self.index)
+        key = ("expcode-gemv", x.dtype, self.bias.dtype if self.has_bias else None, self.n, self.k, sx, xa, self.aligned, self.index)
         done = key in LAUNCHERS
         args = list(self._args(x, y, scratch_for(self.device)))
         self.launchers[(x.dtype, sx, xa)] = tuned_launcher(_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, key, args,

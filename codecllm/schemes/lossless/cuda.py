@@ -209,7 +209,7 @@ class LosslessSmallLinear(LosslessCudaLinear):
         t = self.layout()
         n, kh = t["code"].shape
         rows = _block_rows(n, 2 * kh)
-        self.group = self.offset = None  # from ``finish_load``
+        self.decode_group = self.offset = None  # from ``finish_load``
         self.blocks = [_Block(t, r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
         self.block_bytes = max(b.nbytes for b in self.blocks)
         self.temp_bytes = max(b.table.temp_bytes for b in self.blocks)
@@ -236,7 +236,7 @@ class LosslessSmallLinear(LosslessCudaLinear):
             group = _Group([layers[i].blocks[0] for i in g], offsets, ws)
             temp = max(temp, group.table.temp_bytes)
             for i, off in zip(g, offsets):
-                layers[i].group, layers[i].offset = group, off
+                layers[i].decode_group, layers[i].offset = group, off
         ws.temp = torch.empty(max(temp, 1), dtype=torch.uint8, device=ws.buf.device)
         for layer in layers:
             layer.ws = ws
@@ -251,10 +251,10 @@ class LosslessSmallLinear(LosslessCudaLinear):
         if type(self._parameters["weight"]) is not QuantizedWeight:  # a float weight assigned after load
             return QLinear.forward(self, x)
         ws = self._workspace()
-        if self.group is not None:
-            if ws.holder is not self.group:
-                self.group.table.decode(ws.temp, out_ptrs=self.group.out_ptrs)
-                ws.holder = self.group
+        if self.decode_group is not None:
+            if ws.holder is not self.decode_group:
+                self.decode_group.table.decode(ws.temp, out_ptrs=self.decode_group.out_ptrs)
+                ws.holder = self.decode_group
             return self.blocks[0].matmul(ws, self.bias, self.offset)(x)
         if len(self.blocks) == 1:
             b = self.blocks[0]
