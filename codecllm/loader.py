@@ -24,7 +24,7 @@ from .architecture import empty_model
 from .dtypes import FLOAT_DTYPES, torch_dtype
 from .errors import CodecLLMError, DeviceError, FormatError
 from .format import CllmFile, Record
-from .qmodules import CpuWorkspace, QEmbedding, QModule, dense_state_dict
+from .qmodules import CpuPipeline, CpuStreamed, QEmbedding, QModule, dense_state_dict
 
 MODES = ("resident", "stream", "auto")
 STREAM_MIN_SAVING = 0.05  # stream mode saving less than this (or holding more) is worth a notice
@@ -33,14 +33,14 @@ TOKENIZER_FILES_EXCLUDED = ("config.json", "generation_config.json")
 
 
 class CpuBackend:
-    """Decodes parts with the codecs' CPU decoders; stream layers keep the file's payloads in memory."""
+    """Decodes parts with the codecs' CPU decoders; stream layers keep their weights compressed in memory
+    and share one ``CpuPipeline``."""
 
     name = "cpu"
     stream_keys = ("cpu-stream",)  # the registry keys of stream stand-ins, most specific first
 
     def __init__(self, f: CllmFile, device: torch.device):
         self.f, self.device = f, device
-        self.workspace = CpuWorkspace()
 
     def reserve(self, records: list[Record], streamed: set[str]) -> None:
         pass
@@ -50,10 +50,15 @@ class CpuBackend:
 
     def stream(self, layer: nn.Module, rec: Record) -> None:
         main = rec.main
-        layer.set_stream(rec.scheme.main_part, torch.from_numpy(self.f.read_stored(rec, main)), main, self.workspace)
+        layer.set_stream(rec.scheme.main_part, torch.from_numpy(self.f.read_stored(rec, main)), main)
 
     def finish(self, model: nn.Module) -> None:
-        pass
+        layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
+        if layers:
+            pipeline = CpuPipeline(layers)
+            for m in layers:
+                m.pipeline = pipeline
+            pipeline.attach(model)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -223,7 +228,7 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
     for mode in ("resident", "stream"):
         streamed = _streamed(doc, targets, stream_keys) if mode == "stream" else set()
         held = time = 0.0
-        by_owner: dict[type, list[Record]] = {}  # records by the class whose workspaces they share
+        by_owner: dict[type, list[tuple[type, Record]]] = {}  # (class, record) by the class whose workspaces they share
         for name, mods in targets.items():
             rec = doc.tensors[name]
             cls = _holder(rec, mods, backend, stream_keys if name in streamed else None)
@@ -232,12 +237,12 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
             else:
                 n = cls.held_bytes(rec, dtype)
                 owner = next(c for c in cls.__mro__ if "shared_bytes" in c.__dict__)
-                by_owner.setdefault(owner, []).append(rec)
+                by_owner.setdefault(owner, []).append((cls, rec))
             resident.setdefault(name, n)
             held += n
             if not all(isinstance(m, nn.Embedding) for _, m, _ in mods):  # (a tied head reads its weight in full)
                 time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
-        held += sum(owner.shared_bytes(recs, dtype) for owner, recs in by_owner.items())
+        held += sum(owner.shared_bytes(pairs, dtype) for owner, pairs in by_owner.items())
         out[mode] = {"bytes": int(held), "time": time}
     base = out["resident"]["time"]
     return {m: {"bytes": v["bytes"], "speed": base / v["time"] if v["time"] else 1.0} for m, v in out.items()}
@@ -304,12 +309,12 @@ def _in_model_order(model, doc, names_of: dict[str, list[str]]) -> list[Record]:
 
 def _streamed(doc, targets: dict[str, list], keys: tuple[str, ...]) -> set[str]:
     """The records stream mode keeps compressed: weights whose every module has a stream stand-in for the
-    record's scheme, and either that stand-in keeps a compact form of its own (``_payload`` false: it is
-    built from the decoded parts at load) or the record's main part is entropy-coded. The decode
-    workspaces of the second kind are as large as the largest such weight, so two of them stay resident:
-    a weight far larger than the typical one (an untied vocabulary projection) and, in a quantized
-    model, a lossless weight larger than every quantized one (a float layer kept for accuracy): either
-    would grow the workspaces by more than its compression saves."""
+    record's scheme, and either that stand-in keeps a compact form of its own that it computes from (no
+    decode buffer) or it decodes per call, from the record's entropy-coded main part (``_payload``) or from
+    a form it builds at load (``CpuStreamed``). The decode buffers are as large as the largest such weight,
+    so two of them stay resident: a weight far larger than the typical one (an untied vocabulary
+    projection) and, in a quantized model, a lossless weight larger than every quantized one (a float
+    layer kept for accuracy): either would grow the buffers by more than its compression saves."""
     from .codecs import get_codec
 
     candidates, compact = {}, set()
@@ -319,13 +324,13 @@ def _streamed(doc, targets: dict[str, list], keys: tuple[str, ...]) -> set[str]:
         classes = [_stand_in(rec, m, keys) if a == "weight" else None for _, m, a in mods]
         if not all(classes):
             continue
-        if not any(_payload(c) for c in classes):
+        if not any(_payload(c) or issubclass(c, CpuStreamed) for c in classes):
             compact.add(name)
-        elif get_codec(rec.main.codec).chunked:
+        elif not any(_payload(c) for c in classes) or get_codec(rec.main.codec).chunked:
             candidates[name] = rec.main.nbytes
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
-        ranked.pop(0)  # the workspace would be sized for this one weight alone
+        ranked.pop(0)  # the buffers would be sized for this one weight alone
     lossy = [candidates[n] for n in ranked if not doc.tensors[n].scheme.lossless]
     if lossy:
         ranked = [n for n in ranked if candidates[n] <= max(lossy)]

@@ -6,11 +6,16 @@ device, dequantized on demand by any torch operation, never in the hot path), ``
 ``out_features`` or ``num_embeddings`` / ``embedding_dim``. ``state_dict()`` holds dense weights under the
 original names, so ``save_pretrained`` writes a checkpoint that transformers reloads as it is (full size).
 
-Stream mode keeps the scheme's main part compressed: ``CpuStream`` decodes it on each call into a
-workspace shared by the model's stream layers; ``codecllm.gpu.stream`` does the same on CUDA.
+Stream mode keeps weights compressed: a ``CpuStreamed`` stand-in decodes its weight on each call, into
+buffers of the model's ``CpuPipeline``, which decodes the next layers on a thread of its own while the
+model computes; ``codecllm.gpu.stream`` does the same on CUDA.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .codecs import decode_cpu
+from .codecs import checked_chunk_decoder, decode_cpu
 from .errors import DeviceError
 from .dtypes import torch_dtype
 
@@ -74,7 +79,8 @@ class QModule(nn.Module):
         return sum(p.nbytes for p in rec.parts.values())
 
     @classmethod
-    def shared_bytes(cls, recs: list, dtype: torch.dtype) -> int:
+    def shared_bytes(cls, held: list, dtype: torch.dtype) -> int:
+        """``held``: (stand-in class, record) of each weight that shares them."""
         return 0
 
     @classmethod
@@ -226,17 +232,178 @@ def eager_only(fn):
 
 
 
-class CpuWorkspace:
-    """One decode buffer for all stream layers of a model: a forward runs one layer at a time, so
-    memory holds the largest decoded weight once, not every weight."""
+class CpuPipeline:
+    """Decodes a model's CPU stream layers ahead of their use, on a thread of its own.
 
-    def __init__(self):
-        self.buf = np.empty(0, dtype=np.uint8)
+    The first forward of the model (``begin`` and ``end`` bracket it, as forward hooks of the loaded
+    model) decodes each layer when it is called and learns their order. Each later forward runs a
+    decoder thread that decodes the layers in that order into up to ``SLOTS`` buffers while the model
+    computes with the layers decoded before; past the last layer it goes on with the first layers of the
+    next forward (kept for it), while the model computes its head. So that the decoder has a core, the
+    forward's torch threads are one fewer than the cores (restored after it). A layer called out of the
+    learned order (another code path) stops the decoder: the rest of that forward decodes each layer when
+    called, and learns the order again. Calls from another thread, or with no forward begun (a layer
+    called alone), decode on their own. A decode error in the thread is raised in the forward that needs
+    the layer.
 
-    def take(self, nbytes: int) -> np.ndarray:
-        if self.buf.size < nbytes:
-            self.buf = np.empty(nbytes, dtype=np.uint8)
-        return self.buf[:nbytes]
+    Measured on SmolLM2 int8 as 4-bit planes (2-core CPU, 2 torch threads), one decode step: 125 ms
+    decoding each layer when called (the file's codes; 85 ms as planes); with the decoder thread, 71 ms
+    with 4 buffers (it runs ahead while the model computes attention), 58-62 ms with the codec's
+    checked-chunk decoder and going on into the next forward; resident mode 26 ms. A second decoder
+    thread, or the forward decoding parts of a layer it waits for, made it slower (more threads than
+    cores; Python's cost per piece).
+    """
+
+    SLOTS = 4
+
+    def __init__(self, layers: list):
+        self.nbytes = max(layer.decoded_nbytes for layer in layers)
+        self.free = [np.empty(self.nbytes, dtype=np.uint8) for _ in range(self.SLOTS)]
+        self.own = {id(b) for b in self.free}  # (a call outside the pipeline may decode into a buffer of its own)
+        self.cv = threading.Condition()
+        self.order: list | None = None  # the layers in the order a forward calls them, once learned
+        self.owner: int | None = None  # the thread whose forward is under way
+        self.depth = 0  # forwards of the model nested in the owner's
+        self.seen: list | None = None  # the calls of a forward whose order is being learned
+        self.decoder: threading.Thread | None = None
+        self.threads = 0  # torch's thread count before ``begin`` lowered it (0: untouched)
+        self.ready: dict[int, np.ndarray] = {}  # position in ``order`` -> its decoded buffer
+        self.pos = self.next = 0  # the positions the forward and the decoder take next
+        self.stop, self.error = False, None
+
+    @staticmethod
+    def cores() -> int:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+    def begin(self, *_) -> None:
+        """Forward pre-hook of the model."""
+        with self.cv:
+            if self.owner == threading.get_ident():  # nested in this thread's forward
+                self.depth += 1
+                return
+            if self.owner is not None:  # another thread's forward under way: this one decodes as it goes
+                return
+            self.owner, self.depth = threading.get_ident(), 0
+            self.pos, self.stop, self.error = 0, False, None
+            cores = self.cores()
+            if self.order is None or cores < 2:
+                self.seen = [] if self.order is None else None
+                return
+            self.seen = None
+            self.next = len(self.ready)  # (the first layers, decoded during the last forward's head)
+            self.decoder = threading.Thread(target=self._decode_ahead, args=(self.order,), name="codecllm-decoder", daemon=True)
+        threads = torch.get_num_threads()
+        if threads >= cores:
+            self.threads = threads
+            torch.set_num_threads(max(1, cores - 1))
+        self.decoder.start()
+
+    def end(self, *_) -> None:
+        """Forward hook of the model (``always_call``: it runs when the forward raises, too)."""
+        if self.owner != threading.get_ident():
+            return
+        if self.depth:
+            self.depth -= 1
+            return
+        done = self.decoder is not None and self.seen is None and self.error is None and self.pos == len(self.order)
+        self._halt(keep=done)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+            self.threads = 0
+        with self.cv:
+            if self.seen:
+                self.order = self.seen
+            self.seen, self.owner = None, None
+
+    def _halt(self, keep: bool = False) -> None:
+        """Stop the decoder thread; with ``keep``, what it decoded of the next forward stays ready for it."""
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        if self.decoder is not None:
+            self.decoder.join()
+            self.decoder = None
+        with self.cv:
+            n = len(self.order) if self.order else 0
+            kept = {p - n: b for p, b in self.ready.items() if keep and p >= n}
+            self.free.extend(b for p, b in self.ready.items() if not (keep and p >= n))
+            self.ready = kept
+
+    def _decode_ahead(self, order: list) -> None:
+        n = len(order)
+        while True:
+            with self.cv:
+                while not self.stop and (not self.free or self.next >= min(self.pos + self.SLOTS, 2 * n)):
+                    self.cv.wait()
+                if self.stop:
+                    return
+                pos, buf = self.next, self.free.pop()
+                self.next += 1
+            layer = order[pos % n]
+            try:
+                layer.decode_into(buf[:layer.decoded_nbytes])
+            except BaseException as e:  # raised in the forward that needs this layer
+                with self.cv:
+                    self.free.append(buf)
+                    self.error = e
+                    self.stop = True
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.ready[pos] = buf
+                self.cv.notify_all()
+
+    def _take(self, layer) -> np.ndarray | None:
+        """The buffer of ``layer`` decoded in the learned order, or None where ``layer`` is not the one
+        the order expects."""
+        with self.cv:
+            pos = self.pos
+            if pos >= len(self.order) or self.order[pos] is not layer:
+                return None
+            while pos not in self.ready:
+                if self.error is not None:
+                    raise self.error
+                self.cv.wait()
+            self.pos += 1
+            return self.ready.pop(pos)
+
+    @contextmanager
+    def decoded(self, layer):
+        """``layer``'s decoded bytes, for the duration of the ``with`` block."""
+        buf = None
+        if self.owner == threading.get_ident() and self.decoder is not None:
+            buf = self._take(layer)
+            if buf is None:  # out of order: the rest of this forward decodes as it goes, and learns again
+                self._halt()
+                self.seen = self.order[:self.pos]
+        if buf is None:
+            with self.cv:
+                buf = self.free.pop() if self.free else np.empty(self.nbytes, dtype=np.uint8)
+            try:
+                layer.decode_into(buf[:layer.decoded_nbytes])
+            except BaseException:
+                self._give(buf)
+                raise
+            if self.owner == threading.get_ident() and self.seen is not None:
+                self.seen.append(layer)
+        try:
+            yield buf[:layer.decoded_nbytes]
+        finally:
+            self._give(buf)
+
+    def _give(self, buf: np.ndarray) -> None:
+        if id(buf) in self.own:
+            with self.cv:
+                self.free.append(buf)
+                self.cv.notify_all()
+
+    def attach(self, model: nn.Module) -> None:
+        """Bracket ``model``'s forwards with ``begin`` and ``end`` (outside compiled graphs)."""
+        model.register_forward_pre_hook(eager_only(self.begin))
+        model.register_forward_hook(eager_only(self.end), always_call=True)
 
 
 def payload_bytes(rec) -> int:
@@ -246,49 +413,98 @@ def payload_bytes(rec) -> int:
     return (sum(main.chunks) if main.chunks else main.nbytes) + sum(p.nbytes for p in rec.parts.values() if p is not main)
 
 
-class CpuStream:
-    """Mixin for a stand-in whose main part stays compressed (the file's own payload) and is decoded on
-    each call into the model's shared ``CpuWorkspace``; its other parts (built with the stand-in) are
-    resident."""
+class CpuStreamed:
+    """Mixin for a Linear stand-in whose weight stays compressed in CPU memory (``set_payload``: a codec's
+    chunks) and is decoded on each call, ``decoded_nbytes`` bytes in ``pieces`` that decode alone, into a
+    buffer of the model's ``CpuPipeline``; ``stream_parts`` makes from it the parts its ``linear``
+    computes with, ``scheme_parts`` the scheme's parts (for ``dequantized``, in a new buffer each time)."""
 
-    relative_speed = 0.2  # SmolLM2 int8 on the 2-core CPU: stream 114 ms per token, resident 22 ms
     compiles = False
+    pipeline: CpuPipeline | None = None  # set by the loader's CPU backend once the model is loaded
+    decoded_nbytes = 0
+
+    @classmethod
+    def decoded_bytes(cls, rec) -> int:
+        """The bytes a call decodes (``decoded_nbytes``), from the record."""
+        return rec.main.nbytes
+
+    @classmethod
+    def shared_bytes(cls, held, dtype):
+        return CpuPipeline.SLOTS * max(c.decoded_bytes(r) for c, r in held)  # the pipeline's buffers
+
+    def set_payload(self, codec: str, payload: torch.Tensor, chunk_sizes: list[int], chunk_size: int | None, nbytes: int) -> np.ndarray:
+        """Keep ``payload`` (``codec``'s chunks of ``chunk_size`` bytes, ``chunk_sizes`` stored bytes each;
+        one unchunked piece where ``chunk_sizes`` is empty), and decode it once with every check: returns
+        the decoded bytes."""
+        self.register_buffer("payload", payload, persistent=False)
+        self.codec, self.chunk_sizes, self.chunk_size, self.decoded_nbytes = codec, list(chunk_sizes), chunk_size or 0, nbytes
+        self.checked = False
+        first = np.empty(nbytes, dtype=np.uint8)
+        self.decode_into(first)  # a bad payload fails the load
+        self.checked = True  # from now on chunks decode straight into the buffer, with the least work around them
+        fn, mv = checked_chunk_decoder(codec), memoryview(payload.numpy())
+        if fn is not None and chunk_sizes:
+            ends = np.cumsum(chunk_sizes).tolist()
+            chunks = [(mv[e - c:e], i * chunk_size, min(nbytes, (i + 1) * chunk_size)) for i, (c, e) in enumerate(zip(chunk_sizes, ends))]
+            self._chunks = (fn, chunks)
+        return first
+
+    def decode_into(self, out: np.ndarray) -> None:
+        chunks = self.__dict__.get("_chunks")
+        if chunks is None:
+            decode_cpu(self.codec, self.payload.numpy(), self.chunk_sizes, self.chunk_size, self.decoded_nbytes, out=out, checked=self.checked)
+            return
+        fn, chunks = chunks
+        dst = memoryview(out)
+        for frame, lo, hi in chunks:
+            fn(frame, dst[lo:hi])
+
+    def stream_parts(self, buf: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.scheme_parts(buf)
+
+    def scheme_parts(self, buf: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @eager_only
+    def forward(self, x):
+        w = self._parameters["weight"]
+        if type(w) is not QuantizedWeight:
+            return super().forward(x)
+        owner = w.module
+        if owner.pipeline is None:  # not loaded by codecllm.load (a layer made by hand)
+            return self.linear(x, owner.stream_parts(owner._fresh()))
+        with owner.pipeline.decoded(owner) as buf:
+            return self.linear(x, owner.stream_parts(buf))
+
+    def _fresh(self) -> np.ndarray:
+        buf = np.empty(self.decoded_nbytes, dtype=np.uint8)
+        self.decode_into(buf)
+        return buf
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return self.scheme_parts(self._fresh())
+
+
+class CpuStream(CpuStreamed):
+    """A stream stand-in that keeps the file's payload of its scheme's main part (``set_stream``); its
+    other parts (built with the stand-in) are resident."""
+
+    relative_speed = 0.2  # SmolLM2 int8 on the 2-core CPU, before the pipeline: stream 114 ms per token, resident 22 ms
 
     @classmethod
     def held_bytes(cls, rec, dtype):
         return payload_bytes(rec)
 
-    @classmethod
-    def shared_bytes(cls, recs, dtype):
-        return max(r.main.nbytes for r in recs)  # the workspace
-
-    @eager_only
-    def forward(self, *args):
-        return super().forward(*args)
-
-    def set_stream(self, main: str, payload: torch.Tensor, part, workspace: CpuWorkspace) -> None:
+    def set_stream(self, main: str, payload: torch.Tensor, part) -> None:
         self.main_part = main
-        self.register_buffer("payload", payload, persistent=False)
         self.stream_part = part  # codec id, chunk table, dtype, shape of the main part
-        self.workspace = workspace
-        self.checked = False
-        self._decode(workspace.take(part.nbytes))  # once with every check: a bad payload fails the load
-        self.checked = True  # from now on frames decode straight into the workspace
+        self.set_payload(part.codec, payload, part.chunks or [], part.chunk_size, part.nbytes)
 
-    def _decode(self, out: np.ndarray) -> torch.Tensor:
+    def scheme_parts(self, buf: np.ndarray) -> dict[str, torch.Tensor]:
         p = self.stream_part
-        decode_cpu(p.codec, self.payload.numpy(), p.chunks, p.chunk_size or 0, p.nbytes, out=out, checked=self.checked)
-        return torch.from_numpy(out).view(torch_dtype(p.dtype)).reshape(p.shape)
-
-    def parts(self) -> dict[str, torch.Tensor]:
         parts = {n: self._buffers[n] for n in self.part_names}
-        parts[self.main_part] = self._decode(self.workspace.take(self.stream_part.nbytes))
+        parts[self.main_part] = torch.from_numpy(buf).view(torch_dtype(p.dtype)).reshape(p.shape)
         return parts
-
-    def dequantized(self) -> torch.Tensor:
-        parts = {n: self._buffers[n] for n in self.part_names}
-        parts[self.main_part] = self._decode(np.empty(self.stream_part.nbytes, dtype=np.uint8))
-        return self.scheme.dequantize(parts, self.compute_dtype)
 
 
 def dense_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

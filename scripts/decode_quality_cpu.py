@@ -1,7 +1,8 @@
 """What the CPU int8 kernel's bfloat16 activations cost: SmolLM2 int8 against the original (float32) over
 the evaluation text, computed two ways on the CPU: whole windows at once (many rows per matmul: the exact
 float32 path of ``codecllm.kernels.cpu``) and one token at a time with a KV cache, as ``generate()`` runs
-(one row per matmul: ``_weight_int8pack_mm`` on bf16 activations). The original model stepped one token
+(one row per matmul: ``_weight_int8pack_mm`` on bf16 activations), resident and in stream mode (whose
+one-row path is two int4 kernel calls on the codes' 4-bit planes). The original model stepped one token
 at a time is the control (its KL to itself windowed is the noise of the two orders of summation).
 
     python scripts/decode_quality_cpu.py --tokens 512 --out benchmarks/results/decode_quality_cpu.json
@@ -63,15 +64,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         codecllm.convert(src, Path(tmp, "m.cllm"), quant=scheme.id, group_size=scheme.params.get("group_size"))
         quantized = codecllm.load(Path(tmp, "m.cllm"))
+        streamed = codecllm.load(Path(tmp, "m.cllm"), mode="stream")
         ref = reference_logits(original, ids, window=args.tokens)
         rows = {
             "original, one token at a time (control)": compare(OneTokenAtATime(original), ref),
             f"{args.quant}, whole window (fp32 path)": compare(quantized, ref),
             f"{args.quant}, one token at a time (bf16 path)": compare(OneTokenAtATime(quantized), ref),
+            f"{args.quant} stream mode, one token at a time": compare(OneTokenAtATime(streamed), ref),
         }
     print(f"SmolLM2-135M-Instruct, {args.tokens} tokens of tests/data/eval_text.txt, against the original in float32")
     for name, c in rows.items():
-        print(f"{name:<42} mean KL {c.mean_kl:.6f}  p99 KL {c.p99_kl:.5f}  top-1 {100 * c.top1_agreement:6.2f}%  ppl {c.perplexity:.4f}")
+        print(f"{name:<48} mean KL {c.mean_kl:.6f}  p99 KL {c.p99_kl:.5f}  top-1 {100 * c.top1_agreement:6.2f}%  ppl {c.perplexity:.4f}")
     Path(args.out).write_text(json.dumps({"machine": f"{platform.machine()} CPU, {args.threads} threads", "tokens": args.tokens, "quant": args.quant,
                                           "rows": {k: v.to_json() for k, v in rows.items()}}, indent=2) + "\n")
     print("wrote", args.out, file=sys.stderr)

@@ -126,27 +126,33 @@ def test_zstd_chunk_holds_exactly_one_frame(tail):
 
 
 def test_cpu_stream_checks_frames_once_at_load(tiny_llama, tmp_path, monkeypatch):
-    """CPU stream layers decode their payloads once at load with every check (a bad one fails the load);
-    per forward the frames then go straight into the workspace, still checked for their decoded size."""
+    """CPU stream layers decode their payloads (the file's, or the high planes they build) once at load with
+    every check (a bad one fails the load); per forward the frames then go straight into the pipeline's
+    buffers through the codec's checked-chunk decoder, still checked for their decoded size."""
     import codecllm
+    from codecllm import codecs
     from codecllm.codecs import decode_cpu
     from codecllm.codecs import zstd as zstd_codec
+    from codecllm.qmodules import CpuStreamed
 
     codecllm.convert(tiny_llama, tmp_path / "m.cllm", chunk_size=4096)
     strict, direct = [], []
     monkeypatch.setattr(zstd_codec, "_decode_frame", lambda f, o, i, run=zstd_codec._decode_frame: strict.append(i) or run(f, o, i))
-    monkeypatch.setattr(zstd_codec, "_decode_checked_frame",
-                        lambda f, o, i, run=zstd_codec._decode_checked_frame: direct.append(i) or run(f, o, i))
+    checked = codecs.checked_chunk_decoder("zstd")
+    monkeypatch.setitem(codecs._DECODERS, ("zstd", "cpu-checked-chunk"), lambda f, o: direct.append(len(o)) or checked(f, o))
     resident = codecllm.load(tmp_path / "m.cllm")
     strict.clear()
     model = codecllm.load(tmp_path / "m.cllm", mode="stream")
     at_load = len(strict)  # every chunk of every stream layer once, and the resident parts
-    streamed = sum(len(m.stream_part.chunks) for m in model.modules() if hasattr(m, "stream_part"))
+    layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
+    streamed = sum(len(m.chunk_sizes) for m in layers)
     assert at_load >= streamed > 0 and not direct
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, resident(ids).logits)
+        a, b = model(ids).logits, resident(ids).logits
+    assert (a - b).norm() / b.norm() < 0.01  # (4-bit planes through the int4 kernel: test_convert_load)
     assert len(strict) == at_load and len(direct) == streamed  # each stream layer runs once per forward
+    assert sum(direct) == sum(m.decoded_nbytes for m in layers)
     frame = get_codec("zstd").encode(memoryview(bytes(100)), 100)[0]
     with pytest.raises(DecodeError, match="decoded to 100 bytes, expected 120"):
         decode_cpu("zstd", frame, [len(frame)], 120, 120, checked=True)

@@ -51,37 +51,48 @@ def test_lossless_bf16_on_cuda_by_hand(tmp_path):
 
 
 def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
-    """int8 on the CPU: resident holds codes and scales; stream the stored codes, the scales and one
-    decode workspace, estimated about 5x slower. Loading in stream mode says so in one line where it saves
-    under 5%; ``auto`` loads resident, and the model says which mode it took."""
+    """int8 on the CPU: resident holds codes and scales. Stream holds, per Linear weight, about the stored
+    codes' bytes: the q and o projections and the head (rows a multiple of 64) as 4-bit planes, the
+    others (32 or 160 rows) as the file's payload where it is entropy-coded; plus the pipeline's
+    ``SLOTS`` buffers, each as large as the largest decode (half the codes for planes), estimated slower.
+    Loading in stream mode says so in one line where it saves under 5%; ``auto`` loads resident, and the
+    model says which mode it took."""
+    from codecllm.qmodules import CpuPipeline
+
     src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2))
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant="int8")
     plan = footprint(out, "cpu")
     with CllmFile(out) as f:
         quantized = [r for r in f.doc.tensors.values() if not r.scheme.lossless]
-        # the quantized Linear weights stored entropy-coded (raw ones, and float layers larger than every
-        # quantized one, here the down projections kept in float, stay resident)
-        stream_recs = [r for r in quantized if r.name in linear_names(f) and r.main.chunks]
+        planes = [r for r in quantized if r.name.endswith(("q_proj.weight", "o_proj.weight", "lm_head.weight"))]
+        payload = [r for r in quantized if r.name in linear_names(f) and r not in planes and r.main.chunks]
         others = sum(r.numel * 4 for r in f.doc.tensors.values() if r.scheme.lossless)
         resident = others + sum(p.nbytes for r in quantized for p in r.parts.values())
-        stream = resident + sum(sum(r.main.chunks) - r.main.nbytes for r in stream_recs) + max(r.main.nbytes for r in stream_recs)
-    assert len(stream_recs) >= 8
+        decoded = [r.main.nbytes // 2 for r in planes] + [r.main.nbytes for r in payload]
+        stream = (resident + sum((sum(r.main.chunks) or r.main.nbytes) - r.main.nbytes for r in planes + payload)
+                  + CpuPipeline.SLOTS * max(decoded))
+    assert len(planes) == 5 and len(payload) >= 4
     assert plan["resident"] == {"bytes": resident, "speed": 1.0}
-    assert plan["stream"]["bytes"] == stream and plan["stream"]["speed"] < 0.5
+    assert plan["stream"]["bytes"] == stream and plan["stream"]["speed"] < 0.8
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = codecllm.load(out, mode="stream")
     notices = [str(w.message) for w in caught if "stream mode holds" in str(w.message)]
     assert model.codecllm_mode == "stream"
-    assert stream > 0.95 * resident  # (this tiny model's workspace outweighs what zstd saves)
+    assert {type(model.get_submodule(r.name[:-len(".weight")])).__name__ for r in planes} == {"Int8PlanesStreamLinear"}
+    assert {type(model.get_submodule(r.name[:-len(".weight")])).__name__ for r in payload} == {"Int8StreamLinear"}
+    assert stream > 0.95 * resident  # (this tiny model's buffers outweigh what zstd saves)
     assert len(notices) == 1 and "\n" not in notices[0] and f"{resident / 1e6:.1f} MB" in notices[0], notices
     assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
 
 
 def test_stream_layers_of_two_schemes_share_one_workspace(tmp_path):
-    """int8 with the q projections in int4: both schemes' CPU stream layers decode into the model's one
-    workspace, which the estimate counts once (as large as the largest main part streamed)."""
+    """int8 with the q projections in int4: both schemes' CPU stream layers (int8 as 4-bit planes, int4
+    as the file's payload) decode into the model's one pipeline, whose buffers the estimate counts once
+    (``SLOTS`` of the largest decode)."""
+    from codecllm.qmodules import CpuPipeline
+
     src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant="int8", overrides=[("*.q_proj", "int4:g32")])
@@ -89,11 +100,17 @@ def test_stream_layers_of_two_schemes_share_one_workspace(tmp_path):
         recs = f.doc.tensors.values()
         assert {r.scheme.id for r in recs} >= {"int8", "int4"}
         quantized = [r for r in recs if not r.scheme.lossless]
-        streamed = [r for r in quantized if r.name in linear_names(f) and r.main.chunks]
+        planes = [r for r in quantized if r.name in linear_names(f) and r.scheme.id == "int8"]
+        payload = [r for r in quantized if r.name in linear_names(f) and r.scheme.id == "int4" and r.main.chunks]
         resident = sum(r.numel * 4 for r in recs if r.scheme.lossless) + sum(p.nbytes for r in quantized for p in r.parts.values())
-        stream = resident + sum(sum(r.main.chunks) - r.main.nbytes for r in streamed) + max(r.main.nbytes for r in streamed)
-    assert {f.doc.tensors[r.name].scheme.id for r in streamed} == {"int8", "int4"}
+        decoded = [r.main.nbytes // 2 for r in planes] + [r.main.nbytes for r in payload]
+        stream = (resident + sum((sum(r.main.chunks) or r.main.nbytes) - r.main.nbytes for r in planes + payload)
+                  + CpuPipeline.SLOTS * max(decoded))
+    assert len(payload) == 2 and len(planes) >= 10
     assert footprint(out, "cpu")["stream"]["bytes"] == stream
+    model = codecllm.load(out, mode="stream")
+    pipelines = {id(m.pipeline) for m in model.modules() if hasattr(m, "decode_into")}
+    assert len(pipelines) == 1
 
 
 def test_stream_that_holds_as_much_warns_once(tmp_path):

@@ -60,7 +60,8 @@ def register(cls: type[Codec]) -> type[Codec]:
 def register_decoder(codec_id: str, backend: str) -> Callable:
     """Decorator: ``fn`` decodes ``codec_id`` payloads on ``backend`` ("cpu", "cuda"). A CPU decoder is
     ``fn(payload, chunk_sizes, chunk_size, out, checked)``: ``checked`` says the same bytes decoded
-    before with every check."""
+    before with every check. A chunked codec may also register ``"cpu-checked-chunk"``, ``fn(chunk, out)``
+    for one such chunk, with as little work around it as can be (stream mode's hot path)."""
 
     def deco(fn):
         _DECODERS[(codec_id, backend)] = fn
@@ -80,6 +81,11 @@ def decoder(codec_id: str, backend: str):
         return _DECODERS[(codec_id, backend)]
     except KeyError:
         raise DeviceError(f"codec {codec_id!r} has no decoder on {backend}") from None
+
+
+def checked_chunk_decoder(codec_id: str):
+    """The codec's ``"cpu-checked-chunk"`` decoder, or None."""
+    return _DECODERS.get((codec_id, "cpu-checked-chunk"))
 
 
 def codec_ids() -> list[str]:
@@ -125,5 +131,5 @@ def decode_cpu(codec_id: str, payload, chunk_sizes: list[int], chunk_size: int, 
 # the codecs this package ships
 from . import raw, zstd  # noqa: E402,F401
 
-__all__ = ["Codec", "register", "register_decoder", "get_codec", "decoder", "codec_ids", "default_codec_id",
+__all__ = ["Codec", "register", "register_decoder", "get_codec", "decoder", "checked_chunk_decoder", "codec_ids", "default_codec_id",
            "chunk_bounds", "num_chunks", "shared_pool", "decode_cpu", "DEFAULT_CHUNK_SIZE", "DecodeError"]

@@ -253,8 +253,8 @@ class CudaStream:
         return payload_bytes(rec)  # (the file's zstd size: re-encoded to ANS, about the same)
 
     @classmethod
-    def shared_bytes(cls, recs, dtype):
-        return SLOTS * 2 * max(aligned(r.main.nbytes) for r in recs)  # the workspaces (``StreamSchedule.setup``)
+    def shared_bytes(cls, held, dtype):
+        return SLOTS * 2 * max(aligned(r.main.nbytes) for _, r in held)  # the workspaces (``StreamSchedule.setup``)
 
     @eager_only
     def forward(self, *args):

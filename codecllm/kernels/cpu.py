@@ -19,6 +19,15 @@ into its tiled layout (``int4_pack_codes``) with its scale/offset pairs, ``w = (
 bf16: ours are ``w = (q - zero) * scale``, so ``offset = (8 - zero) * scale`` (rounding scale and offset to
 bf16 moves a weight by about 0.2% of its group's step size, well under int4's own rounding). It takes N a
 multiple of 16 and K of the group size and of 32; other weights are dequantized per call.
+
+int8 as two 4-bit planes (``int8_planes``, for CPU stream mode): ``q + 128 = 16 * high + low``, each plane
+a nibble per weight in the int4 kernel's layout, so that ``x @ q.T = x @ (16 * (high - 8) + 8).T + x @ (low - 8).T``
+is two calls of the int4 kernel with constant (scale, offset) pairs, (16, 8) and (1, 0) (``_plane_pairs``):
+every weight is an exact small integer in bf16. Stream mode entropy-codes only the high plane (about 3.2 of its 4 bits
+carry information on trained weights, the low plane's 4 nearly all), which halves the bytes decoded per
+call. The layout (blocks of 64 rows; per column, 32 bytes whose low nibbles are the block's first 32 rows
+and high nibbles its last 32) is checked against ``_convert_weight_to_int4pack_for_cpu`` once per process
+(``planes_fit``): a torch whose layout differs keeps the file's int8 codes instead.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ K_MULTIPLE = 16  # _weight_int8pack_mm reads K in 16-wide vectors with no tail: 
 
 _int8pack_mm = torch.ops.aten._weight_int8pack_mm
 INT4_N_MULTIPLE, INT4_K_MULTIPLE = 16, 32
+PLANE_ROWS = 64  # the int4 kernel packs rows in blocks of 64
+PLANE_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernel takes: the planes' constant pairs use the largest that divides K
 
 
 @lru_cache(maxsize=None)
@@ -94,3 +105,72 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, pairs: torch.Tensor, grou
     if bias is not None:
         y = y.add_(bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# --- int8 as two 4-bit planes ----------------------------------------------------------------------------
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 16) ``[N, K]`` (N a multiple of 64) as the int4 kernel's packed bytes, flat."""
+    n, k = codes.shape
+    b = codes.reshape(n // PLANE_ROWS, 2, PLANE_ROWS // 2, k).transpose(2, 3)  # [blocks, half, K, 32]
+    return (b[:, 0] | (b[:, 1] << 4)).reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def _layout_known() -> bool:
+    """Whether this torch's int4 kernel exists and packs as ``pack_nibbles`` does."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return False
+    codes = torch.randint(0, 16, (2 * PLANE_ROWS, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    except RuntimeError:
+        return False
+    return torch.equal(theirs.reshape(-1), pack_nibbles(codes))
+
+
+def planes_fit(n: int, k: int) -> bool:
+    """Whether an ``[n, k]`` int8 weight can be kept as two 4-bit planes (``int8_planes``)."""
+    return n % PLANE_ROWS == 0 and k % INT4_K_MULTIPLE == 0 and _layout_known()
+
+
+def int8_planes(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low): the packed 4-bit planes of int8 ``qweight`` ``[N, K]``, ``q + 128 = 16 * high + low``,
+    each ``N * K / 2`` bytes."""
+    u = qweight.view(torch.uint8) ^ 0x80
+    return pack_nibbles(u >> 4), pack_nibbles(u & 15)
+
+
+def int8_from_planes(high: torch.Tensor, low: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The int8 ``[n, k]`` weight ``int8_planes`` split."""
+    h, l = high.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2), low.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2)
+    first, last = ((h & 15) << 4) | (l & 15), (h & 0xF0) | (l >> 4)  # q + 128 of each block's first and last 32 rows
+    return (torch.stack([first, last], 1).transpose(2, 3).reshape(n, k) ^ 0x80).view(torch.int8)
+
+
+@lru_cache(maxsize=None)
+def _plane_pairs(n: int, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The group size and the int4 kernel's (scale, offset) pairs that read a high-plane code ``c`` as
+    ``16 * (c - 8) + 8`` and a low-plane one as ``c - 8``: the two sum to the int8 code, and each plane's
+    values are centred, so that the low plane's result is small and its rounding to bf16 costs little."""
+    gs = next(g for g in PLANE_GROUPS if k % g == 0)
+
+    def pairs(scale, offset):
+        return torch.tensor([scale, offset], dtype=torch.bfloat16).expand(k // gs, n, 2).contiguous()
+
+    return gs, pairs(16.0, 8.0), pairs(1.0, 0.0)
+
+
+def planes_linear(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (q * scale[:, None]).T + bias`` for ``q`` given as its planes (``int8_planes``), through two
+    calls of the int4 kernel (bf16 activations, fp32 accumulation, each result rounded to bf16 once)."""
+    n, k = scale.shape[0], x.shape[-1]
+    gs, hi_pairs, lo_pairs = _plane_pairs(n, k)
+    x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = mm(x2, high.view(n, k // 2), gs, hi_pairs).to(torch.float32)
+    y = y.add_(mm(x2, low.view(n, k // 2), gs, lo_pairs)).mul_(scale)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -32,9 +32,9 @@ class LosslessCudaLinear(FusableLinear, QLinear):
         return rec.numel * 3 // 2 + 4 * (rec.shape[0] + 1)  # the layout, its escapes left out (under 1% of weights)
 
     @classmethod
-    def shared_bytes(cls, recs, dtype):
+    def shared_bytes(cls, held, dtype):
         # more than one row: the block of rows decoded for cuBLAS (``launch.cublas_linear``)
-        return max(min(launch.DEQUANT_BLOCK_BYTES, r.numel * dtype.itemsize) for r in recs)
+        return max(min(launch.DEQUANT_BLOCK_BYTES, r.numel * dtype.itemsize) for _, r in held)
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):
@@ -193,8 +193,8 @@ class LosslessSmallLinear(LosslessCudaLinear):
         return rec.numel + coded + 4 * (rec.shape[0] + 1)
 
     @classmethod
-    def shared_bytes(cls, recs, dtype):
-        return _workspace_bytes([tuple(r.shape) for r in recs]) + super().shared_bytes(recs, dtype)
+    def shared_bytes(cls, held, dtype):
+        return _workspace_bytes([tuple(r.shape) for _, r in held]) + super().shared_bytes(held, dtype)
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):

@@ -1,0 +1,180 @@
+"""CPU stream mode: int8 codes as 4-bit planes (``codecllm.kernels.cpu``) and the pipeline that decodes
+the next layers on a thread of its own (``codecllm.qmodules.CpuPipeline``)."""
+
+import threading
+
+import pytest
+import torch
+
+import codecllm
+from codecllm.errors import DecodeError
+from codecllm.kernels import cpu as ck
+from codecllm.qmodules import CpuPipeline, CpuStreamed
+from codecllm.schemes.int8 import Int8PlanesStreamLinear
+from conftest import llama_config, save_tiny
+
+IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 250]])
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (128, 96), (192, 576), (576, 1536)])
+def test_planes_round_trip_and_linear(shape):
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    high, low = ck.int8_planes(q)
+    assert high.numel() == low.numel() == n * k // 2
+    assert torch.equal(ck.int8_from_planes(high, low, n, k), q)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(3, k, generator=g)
+    ref = (x.double() @ (q.double() * scale.double()[:, None]).t() + bias.double()).float()
+    got, kernel = ck.planes_linear(x, high, low, scale, bias), ck.int8_linear(x, q, scale, bias)
+    err, kernel_err = (got - ref).norm() / ref.norm(), (kernel - ref).norm() / ref.norm()
+    assert err < 5e-3 and err < 1.5 * kernel_err + 1e-4, (err, kernel_err)  # bf16 activations, as the int8 kernel
+
+
+def test_layout_is_checked_against_torch():
+    assert ck._layout_known()  # this torch packs as pack_nibbles does
+    assert not ck.planes_fit(32, 64) and not ck.planes_fit(64, 48) and ck.planes_fit(64, 64)
+
+
+@pytest.fixture
+def stream_model(tmp_path):
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int8", skip=["*.mlp.down_proj"])
+    with pytest.warns(UserWarning, match="stream mode holds"):
+        model = codecllm.load(out, mode="stream")
+    layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
+    assert layers and all(isinstance(m, Int8PlanesStreamLinear) for m in layers)
+    return model, layers, layers[0].pipeline
+
+
+def forward(model, ids=IDS):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def decoded_on(layers, monkeypatch) -> list[str]:
+    """The thread names each layer's decode ran on, from now on."""
+    names = []
+    orig = Int8PlanesStreamLinear.decode_into
+
+    def record(self, out):
+        names.append(threading.current_thread().name)
+        orig(self, out)
+
+    monkeypatch.setattr(Int8PlanesStreamLinear, "decode_into", record)
+    return names
+
+
+def test_pipeline_learns_the_order_then_decodes_ahead(stream_model, monkeypatch):
+    model, layers, pipeline = stream_model
+    if CpuPipeline.cores() < 2:
+        pytest.skip("one core: the pipeline decodes each layer when called")
+    threads = torch.get_num_threads()
+    assert pipeline.order is None
+    threads_seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: threads_seen.append(torch.get_num_threads()))
+    names = decoded_on(layers, monkeypatch)
+    first = forward(model)
+    assert names == ["MainThread"] * len(layers)  # learning: each layer decoded when called
+    assert pipeline.order == layers  # (this model calls its layers in registration order)
+    names.clear()
+    second = forward(model)
+    assert torch.equal(first, second)
+    assert names.count("codecllm-decoder") >= len(layers) and "MainThread" not in names
+    assert threads_seen == [threads, max(1, min(threads, CpuPipeline.cores() - 1))]
+    assert torch.get_num_threads() == threads  # restored after the forward
+    assert len(pipeline.ready) > 0  # the next forward's first layers, decoded during this one's head
+    names.clear()
+    assert torch.equal(forward(model), first)
+    assert "MainThread" not in names
+
+
+def test_pipeline_out_of_order_and_alone(stream_model):
+    model, layers, pipeline = stream_model
+    first = forward(model)
+    pipeline.order = pipeline.order[::-1]  # as if another code path had been learned
+    assert torch.equal(forward(model), first)  # decoded when called, from the first mismatch on
+    assert pipeline.order == layers  # learned again
+    assert torch.equal(forward(model), first)
+    x = torch.randn(2, layers[0].in_features)
+    with torch.inference_mode():
+        alone = layers[0](x)  # no forward begun: decoded for this call
+    assert torch.equal(alone, ck.planes_linear(x, *ck.int8_planes(layers[0].parts()["qweight"]), layers[0].scale))
+
+
+def test_pipeline_raises_a_decoder_error_in_the_forward(stream_model, monkeypatch):
+    model, layers, pipeline = stream_model
+    if CpuPipeline.cores() < 2:
+        pytest.skip("one core: no decoder thread")
+    first = forward(model)
+    threads = torch.get_num_threads()
+    orig = Int8PlanesStreamLinear.decode_into
+    bad = layers[3]
+
+    def broken(self, out):
+        if self is bad and threading.current_thread().name == "codecllm-decoder":
+            raise DecodeError("chunk 0: broken on purpose")
+        orig(self, out)
+
+    monkeypatch.setattr(Int8PlanesStreamLinear, "decode_into", broken)
+    with pytest.raises(DecodeError, match="broken on purpose"):
+        forward(model)
+    assert torch.get_num_threads() == threads and pipeline.owner is None and pipeline.decoder is None
+    assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.SLOTS  # no buffer lost
+    monkeypatch.setattr(Int8PlanesStreamLinear, "decode_into", orig)
+    assert torch.equal(forward(model), first)
+
+
+def test_pipeline_on_one_core_decodes_when_called(stream_model, monkeypatch):
+    model, layers, pipeline = stream_model
+    monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 1))
+    threads = torch.get_num_threads()
+    names = decoded_on(layers, monkeypatch)
+    first, second = forward(model), forward(model)
+    assert torch.equal(first, second) and set(names) == {"MainThread"} and torch.get_num_threads() == threads
+
+
+def test_pipeline_with_forwards_from_two_threads(stream_model):
+    model, layers, pipeline = stream_model
+    expected = forward(model)
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(4):
+                results.append(forward(model))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and len(results) == 8
+    assert all(torch.equal(r, expected) for r in results)
+    assert pipeline.owner is None and len(pipeline.free) + len(pipeline.ready) == CpuPipeline.SLOTS
+
+
+def test_pipeline_with_a_nested_forward(stream_model):
+    """A forward of the model inside its own forward (a wrapper's) leaves the outer one's pipeline running."""
+    model, layers, pipeline = stream_model
+    expected = forward(model)
+    inner = []
+
+    def nested(*_):
+        if not inner:
+            inner.append(None)
+            inner[0] = forward(model)
+
+    hook = model.model.layers[1].register_forward_pre_hook(nested)
+    try:
+        assert torch.equal(forward(model), expected)
+    finally:
+        hook.remove()
+    assert torch.equal(inner[0], expected) and pipeline.owner is None and pipeline.depth == 0
+    assert torch.equal(forward(model), expected)
