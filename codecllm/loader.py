@@ -327,7 +327,7 @@ def _streamed(doc, targets: dict[str, list], keys: tuple[str, ...]) -> set[str]:
         if not any(_payload(c) or issubclass(c, CpuStreamed) for c in classes):
             compact.add(name)
         elif not any(_payload(c) for c in classes) or get_codec(rec.main.codec).chunked:
-            candidates[name] = rec.main.nbytes
+            candidates[name] = max(c.decoded_bytes(rec) if issubclass(c, CpuStreamed) else rec.main.nbytes for c in classes)
     ranked = sorted(candidates, key=candidates.get, reverse=True)
     while len(ranked) > 1 and candidates[ranked[0]] > 2 * candidates[ranked[1]]:
         ranked.pop(0)  # the buffers would be sized for this one weight alone

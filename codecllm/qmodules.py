@@ -13,6 +13,7 @@ model computes; ``codecllm.gpu.stream`` does the same on CUDA.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from contextlib import contextmanager
@@ -235,15 +236,16 @@ def eager_only(fn):
 class CpuPipeline:
     """Decodes a model's CPU stream layers ahead of their use, on a thread of its own.
 
-    The first forward of the model (``begin`` and ``end`` bracket it, as forward hooks of the loaded
-    model) decodes each layer when it is called and learns their order. Each later forward runs a
+    The first forward of the model (``begin`` and ``end`` bracket it: ``attach``) decodes each layer when
+    it is called and learns their order (kept if that forward returns). Each later forward runs a
     decoder thread that decodes the layers in that order into up to ``SLOTS`` buffers while the model
     computes with the layers decoded before; past the last layer it goes on with the first layers of the
     next forward (kept for it), while the model computes its head. So that the decoder has a core, the
     forward's torch threads are one fewer than the cores (restored after it). A layer called out of the
     learned order (another code path) stops the decoder: the rest of that forward decodes each layer when
-    called, and learns the order again. Calls from another thread, or with no forward begun (a layer
-    called alone), decode on their own. A decode error in the thread is raised in the forward that needs
+    called, and learns the order again. Calls from another thread, from a forward nested in the running
+    one, or with no forward begun (a layer called alone) decode on their own. On one core there is no
+    decoder thread, and one buffer. A decode error in the thread is raised in the forward that needs
     the layer.
 
     Measured on SmolLM2 int8 as 4-bit planes (2-core CPU, 2 torch threads), one decode step: 125 ms
@@ -258,7 +260,7 @@ class CpuPipeline:
 
     def __init__(self, layers: list):
         self.nbytes = max(layer.decoded_nbytes for layer in layers)
-        self.free = [np.empty(self.nbytes, dtype=np.uint8) for _ in range(self.SLOTS)]
+        self.free = [np.empty(self.nbytes, dtype=np.uint8) for _ in range(self.slots())]
         self.own = {id(b) for b in self.free}  # (a call outside the pipeline may decode into a buffer of its own)
         self.cv = threading.Condition()
         self.order: list | None = None  # the layers in the order a forward calls them, once learned
@@ -278,43 +280,57 @@ class CpuPipeline:
         except AttributeError:  # not on Linux
             return os.cpu_count() or 1
 
-    def begin(self, *_) -> None:
-        """Forward pre-hook of the model."""
+    @classmethod
+    def slots(cls) -> int:
+        """The buffers a pipeline holds here: ``SLOTS``, one where there is no core for a decoder."""
+        return cls.SLOTS if cls.cores() >= 2 else 1
+
+    def begin(self) -> str | None:
+        """Before a forward of the model: "own" where this call runs the pipeline (``end`` must follow,
+        whatever happens), "nested" within this thread's forward, None while another thread's runs (its
+        layers then decode as they are called)."""
         with self.cv:
-            if self.owner == threading.get_ident():  # nested in this thread's forward
+            if self.owner == threading.get_ident():
                 self.depth += 1
-                return
-            if self.owner is not None:  # another thread's forward under way: this one decodes as it goes
-                return
+                return "nested"
+            if self.owner is not None:
+                return None
             self.owner, self.depth = threading.get_ident(), 0
             self.pos, self.stop, self.error = 0, False, None
             cores = self.cores()
             if self.order is None or cores < 2:
                 self.seen = [] if self.order is None else None
-                return
+                return "own"
             self.seen = None
             self.next = len(self.ready)  # (the first layers, decoded during the last forward's head)
             self.decoder = threading.Thread(target=self._decode_ahead, args=(self.order,), name="codecllm-decoder", daemon=True)
-        threads = torch.get_num_threads()
-        if threads >= cores:
-            self.threads = threads
-            torch.set_num_threads(max(1, cores - 1))
-        self.decoder.start()
+        try:
+            threads = torch.get_num_threads()
+            if threads >= cores:
+                self.threads = threads
+                torch.set_num_threads(max(1, cores - 1))
+            self.decoder.start()
+        except BaseException:
+            self.end("own", completed=False)
+            raise
+        return "own"
 
-    def end(self, *_) -> None:
-        """Forward hook of the model (``always_call``: it runs when the forward raises, too)."""
-        if self.owner != threading.get_ident():
+    def end(self, token: str | None, completed: bool) -> None:
+        """After the forward ``begin`` gave ``token`` for; ``completed``: it returned (an order being
+        learned is kept only then)."""
+        if token == "nested":
+            with self.cv:
+                self.depth -= 1
             return
-        if self.depth:
-            self.depth -= 1
+        if token != "own":
             return
-        done = self.decoder is not None and self.seen is None and self.error is None and self.pos == len(self.order)
+        done = completed and self.decoder is not None and self.seen is None and self.error is None and self.pos == len(self.order)
         self._halt(keep=done)
         if self.threads:
             torch.set_num_threads(self.threads)
             self.threads = 0
         with self.cv:
-            if self.seen:
+            if self.seen and completed:
                 self.order = self.seen
             self.seen, self.owner = None, None
 
@@ -374,7 +390,8 @@ class CpuPipeline:
     def decoded(self, layer):
         """``layer``'s decoded bytes, for the duration of the ``with`` block."""
         buf = None
-        if self.owner == threading.get_ident() and self.decoder is not None:
+        mine = self.owner == threading.get_ident() and not self.depth  # (not in a nested forward)
+        if mine and self.decoder is not None:
             buf = self._take(layer)
             if buf is None:  # out of order: the rest of this forward decodes as it goes, and learns again
                 self._halt()
@@ -387,7 +404,7 @@ class CpuPipeline:
             except BaseException:
                 self._give(buf)
                 raise
-            if self.owner == threading.get_ident() and self.seen is not None:
+            if mine and self.seen is not None:
                 self.seen.append(layer)
         try:
             yield buf[:layer.decoded_nbytes]
@@ -401,9 +418,22 @@ class CpuPipeline:
                 self.cv.notify_all()
 
     def attach(self, model: nn.Module) -> None:
-        """Bracket ``model``'s forwards with ``begin`` and ``end`` (outside compiled graphs)."""
-        model.register_forward_pre_hook(eager_only(self.begin))
-        model.register_forward_hook(eager_only(self.end), always_call=True)
+        """Bracket ``model``'s forwards with ``begin`` and ``end`` (outside compiled graphs): a wrapper of
+        this model's ``forward``, as the end must run whatever ends the forward (a forward hook with
+        ``always_call`` misses ``KeyboardInterrupt``)."""
+        forward, begin, end = model.forward, eager_only(self.begin), eager_only(self.end)
+
+        @functools.wraps(forward)
+        def bracketed(*args, **kwargs):
+            token, completed = begin(), False
+            try:
+                out = forward(*args, **kwargs)
+                completed = True
+                return out
+            finally:
+                end(token, completed)
+
+        model.forward = bracketed
 
 
 def payload_bytes(rec) -> int:
@@ -415,8 +445,8 @@ def payload_bytes(rec) -> int:
 
 class CpuStreamed:
     """Mixin for a Linear stand-in whose weight stays compressed in CPU memory (``set_payload``: a codec's
-    chunks) and is decoded on each call, ``decoded_nbytes`` bytes in ``pieces`` that decode alone, into a
-    buffer of the model's ``CpuPipeline``; ``stream_parts`` makes from it the parts its ``linear``
+    chunks) and is decoded on each call (``decoded_nbytes`` bytes) into a buffer of the model's
+    ``CpuPipeline``; ``stream_parts`` makes from it the parts its ``linear``
     computes with, ``scheme_parts`` the scheme's parts (for ``dequantized``, in a new buffer each time)."""
 
     compiles = False
@@ -430,7 +460,7 @@ class CpuStreamed:
 
     @classmethod
     def shared_bytes(cls, held, dtype):
-        return CpuPipeline.SLOTS * max(c.decoded_bytes(r) for c, r in held)  # the pipeline's buffers
+        return CpuPipeline.slots() * max(c.decoded_bytes(r) for c, r in held)  # the pipeline's buffers
 
     def set_payload(self, codec: str, payload: torch.Tensor, chunk_sizes: list[int], chunk_size: int | None, nbytes: int) -> np.ndarray:
         """Keep ``payload`` (``codec``'s chunks of ``chunk_size`` bytes, ``chunk_sizes`` stored bytes each;
@@ -471,7 +501,9 @@ class CpuStreamed:
         if type(w) is not QuantizedWeight:
             return super().forward(x)
         owner = w.module
-        if owner.pipeline is None:  # not loaded by codecllm.load (a layer made by hand)
+        if owner.pipeline is None or (x.requires_grad and torch.is_grad_enabled()):
+            # not loaded by codecllm.load (a layer made by hand); or autograd may keep the decoded weight
+            # for the backward pass, which a pipeline buffer would not stay
             return self.linear(x, owner.stream_parts(owner._fresh()))
         with owner.pipeline.decoded(owner) as buf:
             return self.linear(x, owner.stream_parts(buf))
@@ -489,7 +521,8 @@ class CpuStream(CpuStreamed):
     """A stream stand-in that keeps the file's payload of its scheme's main part (``set_stream``); its
     other parts (built with the stand-in) are resident."""
 
-    relative_speed = 0.2  # SmolLM2 int8 on the 2-core CPU, before the pipeline: stream 114 ms per token, resident 22 ms
+    relative_speed = 0.2  # SmolLM2 int8 on the 2-core CPU before the pipeline (stream 114 ms per token, resident 22 ms);
+    # SmolLM2's layers now take Int8PlanesStreamLinear / Int4PackedStreamLinear, and this kind was not measured again
 
     @classmethod
     def held_bytes(cls, rec, dtype):

@@ -87,7 +87,7 @@ def test_pipeline_learns_the_order_then_decodes_ahead(stream_model, monkeypatch)
     assert names.count("codecllm-decoder") >= len(layers) and "MainThread" not in names
     assert threads_seen == [threads, max(1, min(threads, CpuPipeline.cores() - 1))]
     assert torch.get_num_threads() == threads  # restored after the forward
-    assert len(pipeline.ready) > 0  # the next forward's first layers, decoded during this one's head
+    assert len(pipeline.ready) <= CpuPipeline.SLOTS  # (the next forward's first layers, if decoded during the head)
     names.clear()
     assert torch.equal(forward(model), first)
     assert "MainThread" not in names
@@ -124,7 +124,7 @@ def test_pipeline_raises_a_decoder_error_in_the_forward(stream_model, monkeypatc
     with pytest.raises(DecodeError, match="broken on purpose"):
         forward(model)
     assert torch.get_num_threads() == threads and pipeline.owner is None and pipeline.decoder is None
-    assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.SLOTS  # no buffer lost
+    assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.slots()  # no buffer lost
     monkeypatch.setattr(Int8PlanesStreamLinear, "decode_into", orig)
     assert torch.equal(forward(model), first)
 
@@ -157,12 +157,15 @@ def test_pipeline_with_forwards_from_two_threads(stream_model):
         w.join()
     assert not errors and len(results) == 8
     assert all(torch.equal(r, expected) for r in results)
-    assert pipeline.owner is None and len(pipeline.free) + len(pipeline.ready) == CpuPipeline.SLOTS
+    assert pipeline.owner is None and len(pipeline.free) + len(pipeline.ready) == CpuPipeline.slots()
 
 
-def test_pipeline_with_a_nested_forward(stream_model):
-    """A forward of the model inside its own forward (a wrapper's) leaves the outer one's pipeline running."""
+def test_pipeline_with_a_nested_forward(stream_model, monkeypatch):
+    """A forward of the model inside its own forward (a wrapper's) decodes its layers itself and leaves the
+    outer one's pipeline and learned order alone."""
     model, layers, pipeline = stream_model
+    if CpuPipeline.cores() < 2:
+        pytest.skip("one core: no decoder thread")
     expected = forward(model)
     inner = []
 
@@ -172,9 +175,77 @@ def test_pipeline_with_a_nested_forward(stream_model):
             inner[0] = forward(model)
 
     hook = model.model.layers[1].register_forward_pre_hook(nested)
+    names = decoded_on(layers, monkeypatch)
     try:
         assert torch.equal(forward(model), expected)
     finally:
         hook.remove()
     assert torch.equal(inner[0], expected) and pipeline.owner is None and pipeline.depth == 0
+    assert pipeline.order == layers
+    assert names.count("MainThread") == len(layers)  # the nested forward's; the outer's came from the decoder
     assert torch.equal(forward(model), expected)
+
+
+def test_pipeline_after_an_interrupted_forward(stream_model, monkeypatch):
+    """A forward ended by ``KeyboardInterrupt`` (which forward hooks do not see) or by an error still ends
+    the pipeline: torch's threads restored, no forward left open, no order learned from a part."""
+    model, layers, pipeline = stream_model
+    threads = torch.get_num_threads()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    hook = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        forward(model)  # while learning the order
+    assert pipeline.order is None and pipeline.owner is None
+    hook.remove()
+    expected = forward(model)
+    assert pipeline.order == layers
+    hook = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        forward(model)  # with the decoder thread running
+    hook.remove()
+    assert torch.get_num_threads() == threads and pipeline.owner is None and pipeline.decoder is None
+    assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.slots()
+    assert pipeline.order == layers and torch.equal(forward(model), expected)
+
+
+def test_stream_layer_with_autograd_decodes_its_own_copy(tmp_path):
+    """With gradients on, a stream layer decodes into a buffer of its own, which autograd keeps for the
+    backward pass: the pipeline's buffers are reused by the next layers."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=1), dtype=torch.float32)
+    codecllm.convert(src, tmp_path / "m.cllm", quant="none")  # (float32 weights: the decoded bytes are the weight)
+    with pytest.warns(UserWarning, match="stream mode holds"):
+        stream = codecllm.load(tmp_path / "m.cllm", mode="stream")
+    resident = codecllm.load(tmp_path / "m.cllm")
+    q, k = stream.model.layers[0].self_attn.q_proj, stream.model.layers[0].self_attn.k_proj
+    assert isinstance(q, CpuStreamed) and isinstance(k, CpuStreamed) and q.pipeline is k.pipeline
+    x = torch.randn(2, q.in_features, requires_grad=True)
+    y = q(x)
+    k(torch.randn(2, k.in_features, requires_grad=True))  # another weight, decoded since
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    resident.model.layers[0].self_attn.q_proj(x_ref).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_int4_stream_keeps_the_kernel_layout_and_equals_resident(tmp_path):
+    """int4 in CPU stream mode keeps its codes zstd-coded in the int4 kernel's layout: nothing is repacked
+    per call, and the logits equal resident mode's (the same kernel on the same codes), bit for bit."""
+    from codecllm.schemes.int4 import Int4PackedStreamLinear, Int4StreamLinear
+
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int4", group_size=32)
+    with pytest.warns(UserWarning, match="stream mode holds"):
+        stream = codecllm.load(out, mode="stream")
+    resident = codecllm.load(out)
+    kinds = {type(m) for m in stream.modules() if isinstance(m, CpuStreamed)}
+    assert Int4PackedStreamLinear in kinds and Int4StreamLinear not in kinds
+    for name, m in stream.named_modules():
+        if isinstance(m, Int4PackedStreamLinear):
+            assert torch.equal(m.parts()["qweight"], resident.get_submodule(name).qweight), name
+    long_ids = torch.arange(ck.SMALL_M + 8).unsqueeze(0) * 7 % 256
+    for ids in (IDS, long_ids, IDS):  # (the second IDS forward runs with the decoder thread)
+        assert torch.equal(forward(stream, ids), forward(resident, ids))

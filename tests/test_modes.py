@@ -54,7 +54,7 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
     """int8 on the CPU: resident holds codes and scales. Stream holds, per Linear weight, about the stored
     codes' bytes: the q and o projections and the head (rows a multiple of 64) as 4-bit planes, the
     others (32 or 160 rows) as the file's payload where it is entropy-coded; plus the pipeline's
-    ``SLOTS`` buffers, each as large as the largest decode (half the codes for planes), estimated slower.
+    buffers (``CpuPipeline.slots()``), each as large as the largest decode (half the codes for planes), estimated slower.
     Loading in stream mode says so in one line where it saves under 5%; ``auto`` loads resident, and the
     model says which mode it took."""
     from codecllm.qmodules import CpuPipeline
@@ -71,7 +71,7 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
         resident = others + sum(p.nbytes for r in quantized for p in r.parts.values())
         decoded = [r.main.nbytes // 2 for r in planes] + [r.main.nbytes for r in payload]
         stream = (resident + sum((sum(r.main.chunks) or r.main.nbytes) - r.main.nbytes for r in planes + payload)
-                  + CpuPipeline.SLOTS * max(decoded))
+                  + CpuPipeline.slots() * max(decoded))
     assert len(planes) == 5 and len(payload) >= 4
     assert plan["resident"] == {"bytes": resident, "speed": 1.0}
     assert plan["stream"]["bytes"] == stream and plan["stream"]["speed"] < 0.8
@@ -87,10 +87,10 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
     assert codecllm.load(out, mode="auto").codecllm_mode == "resident"
 
 
-def test_stream_layers_of_two_schemes_share_one_workspace(tmp_path):
+def test_stream_layers_of_two_schemes_share_one_pipeline(tmp_path):
     """int8 with the q projections in int4: both schemes' CPU stream layers (int8 as 4-bit planes, int4
     as the file's payload) decode into the model's one pipeline, whose buffers the estimate counts once
-    (``SLOTS`` of the largest decode)."""
+    (``CpuPipeline.slots()`` of the largest decode)."""
     from codecllm.qmodules import CpuPipeline
 
     src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
@@ -105,7 +105,7 @@ def test_stream_layers_of_two_schemes_share_one_workspace(tmp_path):
         resident = sum(r.numel * 4 for r in recs if r.scheme.lossless) + sum(p.nbytes for r in quantized for p in r.parts.values())
         decoded = [r.main.nbytes // 2 for r in planes] + [r.main.nbytes for r in payload]
         stream = (resident + sum((sum(r.main.chunks) or r.main.nbytes) - r.main.nbytes for r in planes + payload)
-                  + CpuPipeline.SLOTS * max(decoded))
+                  + CpuPipeline.slots() * max(decoded))
     assert len(payload) == 2 and len(planes) >= 10
     assert footprint(out, "cpu")["stream"]["bytes"] == stream
     model = codecllm.load(out, mode="stream")

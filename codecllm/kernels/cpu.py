@@ -116,6 +116,12 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (b[:, 0] | (b[:, 1] << 4)).reshape(-1)
 
 
+def unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The uint8 codes ``[n, k]`` that ``pack_nibbles`` packed."""
+    b = packed.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2)
+    return torch.stack([b & 15, b >> 4], 1).transpose(2, 3).reshape(n, k)
+
+
 @lru_cache(maxsize=None)
 def _layout_known() -> bool:
     """Whether this torch's int4 kernel exists and packs as ``pack_nibbles`` does."""
