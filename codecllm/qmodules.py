@@ -302,6 +302,9 @@ class CpuPipeline:
                 self.seen = [] if self.order is None else None
                 return "own"
             self.seen = None
+            if sorted(self.ready) != list(range(len(self.ready))):  # (never expected: start afresh)
+                self.free.extend(self.ready.values())
+                self.ready = {}
             self.next = len(self.ready)  # (the first layers, decoded during the last forward's head)
             self.decoder = threading.Thread(target=self._decode_ahead, args=(self.order,), name="codecllm-decoder", daemon=True)
         try:
@@ -325,28 +328,34 @@ class CpuPipeline:
         if token != "own":
             return
         done = completed and self.decoder is not None and self.seen is None and self.error is None and self.pos == len(self.order)
-        self._halt(keep=done)
-        if self.threads:
-            torch.set_num_threads(self.threads)
-            self.threads = 0
-        with self.cv:
-            if self.seen and completed:
-                self.order = self.seen
-            self.seen, self.owner = None, None
+        try:
+            self._halt(keep=done)
+        finally:  # (an interrupt while halting must not leave the forward open)
+            if self.threads:
+                torch.set_num_threads(self.threads)
+                self.threads = 0
+            with self.cv:
+                if self.seen and completed:
+                    self.order = self.seen
+                self.seen, self.owner = None, None
 
     def _halt(self, keep: bool = False) -> None:
         """Stop the decoder thread; with ``keep``, what it decoded of the next forward stays ready for it."""
         with self.cv:
             self.stop = True
             self.cv.notify_all()
-        if self.decoder is not None:
-            self.decoder.join()
+        try:
+            if self.decoder is not None:
+                self.decoder.join()
+        finally:
+            if self.decoder is not None and self.decoder.is_alive():  # interrupted: it stops after its layer
+                self.decoder.join()
             self.decoder = None
-        with self.cv:
-            n = len(self.order) if self.order else 0
-            kept = {p - n: b for p, b in self.ready.items() if keep and p >= n}
-            self.free.extend(b for p, b in self.ready.items() if not (keep and p >= n))
-            self.ready = kept
+            with self.cv:
+                n = len(self.order) if self.order else 0
+                kept = {p - n: b for p, b in self.ready.items() if keep and p >= n}
+                self.free.extend(b for p, b in self.ready.items() if not (keep and p >= n))
+                self.ready = kept
 
     def _decode_ahead(self, order: list) -> None:
         n = len(order)
@@ -425,8 +434,9 @@ class CpuPipeline:
 
         @functools.wraps(forward)
         def bracketed(*args, **kwargs):
-            token, completed = begin(), False
+            token, completed = None, False
             try:
+                token = begin()
                 out = forward(*args, **kwargs)
                 completed = True
                 return out
@@ -501,11 +511,11 @@ class CpuStreamed:
         if type(w) is not QuantizedWeight:
             return super().forward(x)
         owner = w.module
-        if owner.pipeline is None or (x.requires_grad and torch.is_grad_enabled()):
-            # not loaded by codecllm.load (a layer made by hand); or autograd may keep the decoded weight
-            # for the backward pass, which a pipeline buffer would not stay
+        if owner.pipeline is None:  # not loaded by codecllm.load (a layer made by hand)
             return self.linear(x, owner.stream_parts(owner._fresh()))
         with owner.pipeline.decoded(owner) as buf:
+            if x.requires_grad and torch.is_grad_enabled():  # autograd may keep the weight for the backward
+                buf = buf.copy()  # pass, which a pipeline buffer would not stay
             return self.linear(x, owner.stream_parts(buf))
 
     def _fresh(self) -> np.ndarray:

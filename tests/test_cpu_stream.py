@@ -2,6 +2,7 @@
 the next layers on a thread of its own (``codecllm.qmodules.CpuPipeline``)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -56,13 +57,21 @@ def forward(model, ids=IDS):
         return model(ids).logits
 
 
-def decoded_on(layers, monkeypatch) -> list[str]:
-    """The thread names each layer's decode ran on, from now on."""
-    names = []
+class Decodes(list):
+    """The thread names each layer's decode ran on (``layers``: the layers, in the same order)."""
+
+    layers: list
+
+
+def decoded_on(layers, monkeypatch) -> Decodes:
+    """Records the decodes from now on."""
+    names = Decodes()
+    names.layers = []
     orig = Int8PlanesStreamLinear.decode_into
 
     def record(self, out):
         names.append(threading.current_thread().name)
+        names.layers.append(self)
         orig(self, out)
 
     monkeypatch.setattr(Int8PlanesStreamLinear, "decode_into", record)
@@ -87,10 +96,18 @@ def test_pipeline_learns_the_order_then_decodes_ahead(stream_model, monkeypatch)
     assert names.count("codecllm-decoder") >= len(layers) and "MainThread" not in names
     assert threads_seen == [threads, max(1, min(threads, CpuPipeline.cores() - 1))]
     assert torch.get_num_threads() == threads  # restored after the forward
-    assert len(pipeline.ready) <= CpuPipeline.SLOTS  # (the next forward's first layers, if decoded during the head)
     names.clear()
     assert torch.equal(forward(model), first)
     assert "MainThread" not in names
+    # while the head computes (made slow here), the decoder goes on with the next forward's first layers
+    slow = model.lm_head.register_forward_pre_hook(lambda *_: time.sleep(0.2))
+    forward(model)
+    slow.remove()
+    assert sorted(pipeline.ready) == list(range(CpuPipeline.SLOTS - 1))  # (the head's own buffer was the fourth)
+    names.clear()
+    names.layers.clear()
+    assert torch.equal(forward(model), first)
+    assert names.layers[0] is layers[CpuPipeline.SLOTS - 1]  # its first layers were decoded already
 
 
 def test_pipeline_out_of_order_and_alone(stream_model):
@@ -129,8 +146,23 @@ def test_pipeline_raises_a_decoder_error_in_the_forward(stream_model, monkeypatc
     assert torch.equal(forward(model), first)
 
 
-def test_pipeline_on_one_core_decodes_when_called(stream_model, monkeypatch):
-    model, layers, pipeline = stream_model
+def test_pipeline_on_one_core_decodes_when_called(tmp_path, monkeypatch):
+    """On one core: no decoder thread, one buffer (and one counted by ``footprint``), torch's threads left
+    alone."""
+    from codecllm.loader import footprint
+
+    monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 1))
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int8", skip=["*.mlp.down_proj"])
+    with pytest.warns(UserWarning, match="stream mode holds"):
+        model = codecllm.load(out, mode="stream")
+    layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
+    pipeline = layers[0].pipeline
+    assert len(pipeline.free) == 1 == CpuPipeline.slots()
+    one = footprint(out, "cpu")["stream"]["bytes"]
+    monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 2))
+    assert footprint(out, "cpu")["stream"]["bytes"] - one == (CpuPipeline.SLOTS - 1) * pipeline.nbytes
     monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 1))
     threads = torch.get_num_threads()
     names = decoded_on(layers, monkeypatch)
@@ -209,6 +241,21 @@ def test_pipeline_after_an_interrupted_forward(stream_model, monkeypatch):
     assert torch.get_num_threads() == threads and pipeline.owner is None and pipeline.decoder is None
     assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.slots()
     assert pipeline.order == layers and torch.equal(forward(model), expected)
+    join, calls = threading.Thread.join, []
+
+    def interrupted_join(self, *args):  # Ctrl-C while the forward's end waits for the decoder
+        calls.append(self)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return join(self, *args)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        forward(model)
+    monkeypatch.setattr(threading.Thread, "join", join)
+    assert torch.get_num_threads() == threads and pipeline.owner is None and pipeline.decoder is None
+    assert len(pipeline.free) + len(pipeline.ready) == CpuPipeline.slots()
+    assert torch.equal(forward(model), expected)
 
 
 def test_stream_layer_with_autograd_decodes_its_own_copy(tmp_path):
@@ -238,14 +285,12 @@ def test_int4_stream_keeps_the_kernel_layout_and_equals_resident(tmp_path):
     src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant="int4", group_size=32)
-    with pytest.warns(UserWarning, match="stream mode holds"):
-        stream = codecllm.load(out, mode="stream")
-    resident = codecllm.load(out)
+    stream, resident = codecllm.load(out, mode="stream"), codecllm.load(out)
     kinds = {type(m) for m in stream.modules() if isinstance(m, CpuStreamed)}
     assert Int4PackedStreamLinear in kinds and Int4StreamLinear not in kinds
     for name, m in stream.named_modules():
         if isinstance(m, Int4PackedStreamLinear):
             assert torch.equal(m.parts()["qweight"], resident.get_submodule(name).qweight), name
     long_ids = torch.arange(ck.SMALL_M + 8).unsqueeze(0) * 7 % 256
-    for ids in (IDS, long_ids, IDS):  # (the second IDS forward runs with the decoder thread)
+    for ids in (IDS, long_ids, IDS):  # (the first forward learns the order; the others run the decoder thread)
         assert torch.equal(forward(stream, ids), forward(resident, ids))

@@ -104,8 +104,9 @@ def test_stream_layers_of_two_schemes_share_one_pipeline(tmp_path):
         payload = [r for r in quantized if r.name in linear_names(f) and r.scheme.id == "int4" and r.main.chunks]
         resident = sum(r.numel * 4 for r in recs if r.scheme.lossless) + sum(p.nbytes for r in quantized for p in r.parts.values())
         decoded = [r.main.nbytes // 2 for r in planes] + [r.main.nbytes for r in payload]
+        pairs = sum(4 * r.parts["scale"].shape[0] * r.parts["scale"].shape[1] for r in payload)  # the int4 kernel's (scale, offset) pairs
         stream = (resident + sum((sum(r.main.chunks) or r.main.nbytes) - r.main.nbytes for r in planes + payload)
-                  + CpuPipeline.slots() * max(decoded))
+                  + pairs + CpuPipeline.slots() * max(decoded))
     assert len(payload) == 2 and len(planes) >= 10
     assert footprint(out, "cpu")["stream"]["bytes"] == stream
     model = codecllm.load(out, mode="stream")

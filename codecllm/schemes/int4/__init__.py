@@ -193,11 +193,24 @@ def _dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return w.reshape(rows, groups * gs)[:, :cols]
 
 
+def _pairs_bytes(rec) -> int:
+    """The bytes of the int4 kernel's (scale, offset) pairs for ``rec``: bf16 ``[groups, N, 2]``."""
+    return 4 * rec.parts["scale"].shape[0] * rec.parts["scale"].shape[1]
+
+
 class Int4Linear(QLinear):
     """Linear (or Conv1D) with int4 weights on the CPU: up to ``cpu_kernels.SMALL_M`` rows (decode steps)
     through the int4 kernel of ``codecllm.kernels.cpu`` on codes repacked for it at the first such call
     (kept beside the file's codes: 0.56 more bytes per weight); more rows, or a weight the kernel does not
     take, dequantized for the call (``QLinear.linear``)."""
+
+    @classmethod
+    def held_bytes(cls, rec, dtype):
+        n, k = rec.parts["scale"].shape[0], 2 * rec.parts["qweight"].shape[1]
+        held = super().held_bytes(rec, dtype)
+        if cpu_kernels.int4_fits(n, k, rec.scheme.group_size):  # the repacked codes and pairs, from the first decode step
+            held += n * k // 2 + _pairs_bytes(rec)
+        return held
 
     def linear(self, x, parts):
         if x.numel() <= cpu_kernels.SMALL_M * x.shape[-1]:
@@ -251,7 +264,8 @@ class Int4PackedStreamLinear(CpuStreamed, Int4Linear):
 
     @classmethod
     def held_bytes(cls, rec, dtype):
-        return payload_bytes(rec)  # (the same codes in another order: about the file's zstd size)
+        # the same codes in another order (about the file's zstd size), and the kernel's pairs
+        return payload_bytes(rec) + _pairs_bytes(rec)
 
     @classmethod
     def from_float(cls, module, scheme, parts, compute_dtype, device):
