@@ -186,3 +186,25 @@ def test_dump_without_an_estimate_still_shows_the_header(tmp_path, tiny_llama, m
     monkeypatch.setattr(codecllm.loader, "empty_model", broken)
     r = CliRunner().invoke(dump_cmd, [str(out), "--no-tensors"])
     assert r.exit_code == 0 and "on a GPU: not estimated (no such architecture)" in r.output, r.output
+
+
+def test_int4_resident_counts_the_cpu_kernel_layout_on_the_cpu_only(tmp_path):
+    """int4 resident on the CPU keeps, beside the stored parts, the codes repacked for the int4 kernel and
+    its (scale, offset) pairs (made at the first decode step); on CUDA the stored parts only."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=1, hidden_size=128, intermediate_size=256))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out, quant="int4", group_size=32)
+    with CllmFile(out) as f:
+        recs = list(f.doc.tensors.values())
+        int4 = [r for r in recs if r.scheme.id == "int4" and r.name in linear_names(f)]
+        parts = sum(p.nbytes for r in recs if not r.scheme.lossless for p in r.parts.values())
+        floats = sum(r.numel for r in recs if r.scheme.lossless)
+        repack = sum(r.numel // 2 + 4 * r.parts["scale"].shape[0] * r.parts["scale"].shape[1] for r in int4)
+    assert int4 and all(r.shape[0] % 16 == 0 and r.shape[1] % 32 == 0 for r in int4)
+    assert footprint(out, "cpu")["resident"]["bytes"] == parts + 4 * floats + repack
+    assert footprint(out, "cuda")["resident"]["bytes"] == parts + 2 * floats
+    model = codecllm.load(out)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))  # the first decode step repacks
+    made = [m.__dict__["_int4pack"][1] for m in model.modules() if "_int4pack" in m.__dict__]
+    assert len(made) == len(int4) and sum(p.nbytes + q.nbytes for p, q in made) == repack

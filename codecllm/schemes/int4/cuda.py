@@ -20,6 +20,10 @@ from . import Int4Linear
 
 
 class Int4CudaLinear(FusableLinear, Int4Linear):
+    @classmethod
+    def held_bytes(cls, rec, dtype):
+        return QLinear.held_bytes(rec, dtype)  # the parts as stored (the CPU's repacked codes are not made here)
+
     def op(self, x: torch.Tensor, src) -> torch.Tensor:
         """The ``codecllm::int4_linear`` operator on the tensors of ``src`` (this layer or its group's matmul)."""
         return torch.ops.codecllm.int4_linear(x, src.qweight, src.scale, src.zero, self.scheme.group_size, src.bias)
