@@ -139,7 +139,7 @@ def test_cpu_stream_checks_frames_once_at_load(tiny_llama, tmp_path, monkeypatch
     strict, direct = [], []
     monkeypatch.setattr(zstd_codec, "_decode_frame", lambda f, o, i, run=zstd_codec._decode_frame: strict.append(i) or run(f, o, i))
     checked = codecs.checked_chunk_decoder("zstd")
-    monkeypatch.setitem(codecs._DECODERS, ("zstd", "cpu-checked-chunk"), lambda f, o: direct.append(len(o)) or checked(f, o))
+    monkeypatch.setitem(codecs._DECODERS, ("zstd", "cpu-checked-chunk"), lambda f, o, i: direct.append(len(o)) or checked(f, o, i))
     resident = codecllm.load(tmp_path / "m.cllm")
     strict.clear()
     model = codecllm.load(tmp_path / "m.cllm", mode="stream")

@@ -40,8 +40,9 @@ def test_layout_is_checked_against_torch():
     assert not ck.planes_fit(32, 64) and not ck.planes_fit(64, 48) and ck.planes_fit(64, 64)
 
 
-@pytest.fixture
-def stream_model(tmp_path):
+def load_stream(tmp_path):
+    """A tiny int8 model (its down projections kept in float) in CPU stream mode: the file, the model, its
+    stream layers and their pipeline."""
     src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
     out = tmp_path / "m.cllm"
     codecllm.convert(src, out, quant="int8", skip=["*.mlp.down_proj"])
@@ -49,7 +50,12 @@ def stream_model(tmp_path):
         model = codecllm.load(out, mode="stream")
     layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
     assert layers and all(isinstance(m, Int8PlanesStreamLinear) for m in layers)
-    return model, layers, layers[0].pipeline
+    return out, model, layers, layers[0].pipeline
+
+
+@pytest.fixture
+def stream_model(tmp_path):
+    return load_stream(tmp_path)[1:]
 
 
 def forward(model, ids=IDS):
@@ -152,13 +158,7 @@ def test_pipeline_on_one_core_decodes_when_called(tmp_path, monkeypatch):
     from codecllm.loader import footprint
 
     monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 1))
-    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=2, hidden_size=128, intermediate_size=256))
-    out = tmp_path / "m.cllm"
-    codecllm.convert(src, out, quant="int8", skip=["*.mlp.down_proj"])
-    with pytest.warns(UserWarning, match="stream mode holds"):
-        model = codecllm.load(out, mode="stream")
-    layers = [m for m in model.modules() if isinstance(m, CpuStreamed)]
-    pipeline = layers[0].pipeline
+    out, model, layers, pipeline = load_stream(tmp_path)
     assert len(pipeline.free) == 1 == CpuPipeline.slots()
     one = footprint(out, "cpu")["stream"]["bytes"]
     monkeypatch.setattr(CpuPipeline, "cores", staticmethod(lambda: 2))
@@ -267,7 +267,7 @@ def test_stream_layer_with_autograd_decodes_its_own_copy(tmp_path):
         stream = codecllm.load(tmp_path / "m.cllm", mode="stream")
     resident = codecllm.load(tmp_path / "m.cllm")
     q, k = stream.model.layers[0].self_attn.q_proj, stream.model.layers[0].self_attn.k_proj
-    assert isinstance(q, CpuStreamed) and isinstance(k, CpuStreamed) and q.pipeline is k.pipeline
+    assert isinstance(q, CpuStreamed) and isinstance(k, CpuStreamed) and q.pipeline is k.pipeline is not None
     x = torch.randn(2, q.in_features, requires_grad=True)
     y = q(x)
     k(torch.randn(2, k.in_features, requires_grad=True))  # another weight, decoded since

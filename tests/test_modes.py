@@ -88,8 +88,8 @@ def test_int8_on_cpu_by_hand_notice_and_auto(tmp_path):
 
 
 def test_stream_layers_of_two_schemes_share_one_pipeline(tmp_path):
-    """int8 with the q projections in int4: both schemes' CPU stream layers (int8 as 4-bit planes, int4
-    as the file's payload) decode into the model's one pipeline, whose buffers the estimate counts once
+    """int8 with the q projections in int4: both schemes' CPU stream layers (int8 as 4-bit planes, int4 in
+    the int4 kernel's layout, with its (scale, offset) pairs) decode into the model's one pipeline, whose buffers the estimate counts once
     (``CpuPipeline.slots()`` of the largest decode)."""
     from codecllm.qmodules import CpuPipeline
 
@@ -111,7 +111,7 @@ def test_stream_layers_of_two_schemes_share_one_pipeline(tmp_path):
     assert footprint(out, "cpu")["stream"]["bytes"] == stream
     model = codecllm.load(out, mode="stream")
     pipelines = {id(m.pipeline) for m in model.modules() if hasattr(m, "decode_into")}
-    assert len(pipelines) == 1
+    assert len(pipelines) == 1 and isinstance(model.model.layers[0].self_attn.q_proj.pipeline, CpuPipeline)
 
 
 def test_stream_that_holds_as_much_warns_once(tmp_path):

@@ -60,8 +60,8 @@ def register(cls: type[Codec]) -> type[Codec]:
 def register_decoder(codec_id: str, backend: str) -> Callable:
     """Decorator: ``fn`` decodes ``codec_id`` payloads on ``backend`` ("cpu", "cuda"). A CPU decoder is
     ``fn(payload, chunk_sizes, chunk_size, out, checked)``: ``checked`` says the same bytes decoded
-    before with every check. A chunked codec may also register ``"cpu-checked-chunk"``, ``fn(chunk, out)``
-    for one such chunk, with as little work around it as can be (stream mode's hot path)."""
+    before with every check. A chunked codec may also register ``"cpu-checked-chunk"``, ``fn(chunk, out, i)``
+    for one such chunk (``i``: its index, for messages), with as little work around it as can be (stream mode's hot path)."""
 
     def deco(fn):
         _DECODERS[(codec_id, backend)] = fn

@@ -86,22 +86,14 @@ def _decode_frame(frame: memoryview, out: memoryview, i: int) -> None:
     out[:] = data
 
 
+@register_decoder("zstd", "cpu-checked-chunk")
 def _decode_checked_frame(frame: memoryview, out: memoryview, i: int) -> None:
-    """A chunk already checked by ``_decode_frame`` (the same bytes, decoded before): straight into ``out``,
-    with no intermediate buffer."""
+    """Chunk ``i``, already checked by ``_decode_frame`` (the same bytes, decoded before): straight into
+    ``out``, with no intermediate buffer."""
     with _decompressor().stream_reader(frame) as reader:
         n = reader.readinto(out)
     if n != len(out):
         raise DecodeError(f"chunk {i} decoded to {n} bytes, expected {len(out)}")
-
-
-@register_decoder("zstd", "cpu-checked-chunk")
-def _decode_checked_chunk(frame: memoryview, out: memoryview) -> None:
-    """``_decode_checked_frame`` for one chunk on its own (stream mode's hot path)."""
-    with _decompressor().stream_reader(frame) as reader:
-        n = reader.readinto(out)
-    if n != len(out):
-        raise DecodeError(f"a chunk checked at load decoded to {n} bytes, expected {len(out)}")
 
 
 @register_decoder("zstd", "cpu")

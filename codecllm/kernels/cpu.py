@@ -116,10 +116,15 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (b[:, 0] | (b[:, 1] << 4)).reshape(-1)
 
 
+def _rows(first: torch.Tensor, last: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``[n, k]`` from the values of each 64-row block's first and last 32 rows, laid out as the packed bytes."""
+    return torch.stack([first, last], 1).transpose(2, 3).reshape(n, k)
+
+
 def unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The uint8 codes ``[n, k]`` that ``pack_nibbles`` packed."""
     b = packed.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2)
-    return torch.stack([b & 15, b >> 4], 1).transpose(2, 3).reshape(n, k)
+    return _rows(b & 15, b >> 4, n, k)
 
 
 @lru_cache(maxsize=None)
@@ -150,8 +155,8 @@ def int8_planes(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_from_planes(high: torch.Tensor, low: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The int8 ``[n, k]`` weight ``int8_planes`` split."""
     h, l = high.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2), low.reshape(n // PLANE_ROWS, k, PLANE_ROWS // 2)
-    first, last = ((h & 15) << 4) | (l & 15), (h & 0xF0) | (l >> 4)  # q + 128 of each block's first and last 32 rows
-    return (torch.stack([first, last], 1).transpose(2, 3).reshape(n, k) ^ 0x80).view(torch.int8)
+    first, last = ((h & 15) << 4) | (l & 15), (h & 0xF0) | (l >> 4)  # q + 128, joined before the one unpacking pass
+    return (_rows(first, last, n, k) ^ 0x80).view(torch.int8)
 
 
 @lru_cache(maxsize=None)

@@ -17,7 +17,6 @@ Linear, Conv1D and Embedding on the CPU (dequantized per call, one layer at a ti
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +25,6 @@ from transformers.pytorch_utils import Conv1D
 from ...dtypes import FLOAT_DTYPES
 from ...errors import CodecLLMError, FormatError
 from ...kernels import cpu as cpu_kernels
-from ...codecs import get_codec
-from ...errors import DecodeError
 from ...qmodules import CpuStream, CpuStreamed, QEmbedding, QLinear, payload_bytes
 from .. import PartSpec, Scheme, keep_lower_error, register, register_module
 
@@ -183,9 +180,12 @@ def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None =
 
 def _dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int, cols: int) -> torch.Tensor:
     """float32 ``[rows, cols]`` from packed codes and per-group scale and zero."""
-    rows = packed.shape[0]
-    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(rows, -1)
-    groups = scale.shape[1]
+    return _dequantize_codes(torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1), scale, zero, gs, cols)
+
+
+def _dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int, cols: int) -> torch.Tensor:
+    """float32 ``[rows, cols]`` from one uint8 code per weight and per-group scale and zero."""
+    rows, groups = q.shape[0], scale.shape[1]
     if q.shape[1] < groups * gs:
         q = F.pad(q, (0, groups * gs - q.shape[1]))
     q = q[:, :groups * gs].reshape(rows, groups, gs).to(torch.float32)
@@ -255,12 +255,11 @@ class Int4StreamLinear(CpuStream, Int4Linear):
 
 class Int4PackedStreamLinear(CpuStreamed, Int4Linear):
     """CPU stream mode for int4: the codes are kept zstd-coded in memory in the int4 kernel's own layout
-    (``cpu_kernels.pack_nibbles``, about the file's size), so that a call decodes them straight into
+    (``cpu_kernels.int4_pack_codes``, about the file's size), so that a call decodes them straight into
     what the kernel reads, with no repacking; more than ``cpu_kernels.SMALL_M`` rows dequantize the
     codes unpacked. Results equal resident mode's."""
 
     relative_speed = 0.32  # SmolLM2 int4:g64 on the 2-core CPU: a decode step 48.4 ms, resident 15.5 ms
-    FRAME = 1 << 20  # zstd frames of the packed codes, as ``Int8PlanesStreamLinear``'s
 
     @classmethod
     def held_bytes(cls, rec, dtype):
@@ -272,11 +271,7 @@ class Int4PackedStreamLinear(CpuStreamed, Int4Linear):
         q = parts["qweight"]
         new = super().from_float(module, scheme, {"scale": parts["scale"], "zero": parts["zero"]}, compute_dtype, device)
         new.n, new.k = q.shape[0], 2 * q.shape[1]
-        packed = cpu_kernels.pack_nibbles(torch.stack([q & 15, q >> 4], dim=-1).reshape(new.n, new.k))
-        frames = get_codec("zstd").encode(memoryview(packed.numpy()), cls.FRAME, level=3)
-        payload = torch.frombuffer(bytearray(b"".join(frames)), dtype=torch.uint8)
-        if not np.array_equal(new.set_payload("zstd", payload, [len(f) for f in frames], cls.FRAME, packed.numel()), packed.numpy()):
-            raise DecodeError("the packed codes of an int4 weight did not decode to themselves")
+        new.keep_compressed(cpu_kernels.int4_pack_codes(q).reshape(-1), "the packed codes of an int4 weight")
         new.__dict__["_int4pairs"] = cpu_kernels.int4_pairs(parts["scale"], parts["zero"])
         return new
 
@@ -291,7 +286,9 @@ class Int4PackedStreamLinear(CpuStreamed, Int4Linear):
         if x.numel() <= cpu_kernels.SMALL_M * x.shape[-1]:
             packed = parts["packed"].view(self.n, self.k // 2)
             return cpu_kernels.int4_linear(x, packed, self.__dict__["_int4pairs"], self.scheme.group_size, self.bias)
-        return QLinear.linear(self, x, self.scheme_parts(parts["packed"].numpy()))
+        codes = cpu_kernels.unpack_nibbles(parts["packed"], self.n, self.k)
+        w = _dequantize_codes(codes, parts["scale"], parts["zero"], self.scheme.group_size, self.k)
+        return F.linear(x, w.to(x.dtype), self.bias)
 
 
 class Int4Embedding(QEmbedding):

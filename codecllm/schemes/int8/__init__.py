@@ -13,15 +13,13 @@ like a Linear's. Stand-ins: Linear, Conv1D and Embedding on the CPU (here) and o
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...dtypes import FLOAT_DTYPES
-from ...codecs import get_codec
-from ...errors import CodecLLMError, DecodeError, FormatError
+from ...errors import CodecLLMError, FormatError
 from ...kernels import cpu as cpu_kernels
 from ...qmodules import CpuStream, CpuStreamed, QEmbedding, QLinear, payload_bytes
 from .. import PartSpec, Scheme, keep_lower_error, register, register_module
@@ -184,7 +182,6 @@ class Int8PlanesStreamLinear(CpuStreamed, Int8Linear):
     weight's code carry nearly all their bits, the high ones about 3.2 of 4."""
 
     relative_speed = 0.45  # SmolLM2 on the 2-core CPU: a decode step 58-62 ms, resident 26 ms (see CpuPipeline)
-    FRAME = 1 << 20  # zstd frames of the high plane (1 MiB: one per layer up to 2M weights; 128 KiB frames decoded 25% slower)
 
     @classmethod
     def held_bytes(cls, rec, dtype):
@@ -201,10 +198,7 @@ class Int8PlanesStreamLinear(CpuStreamed, Int8Linear):
         new.n, new.k = q.shape
         high, low = cpu_kernels.int8_planes(q)
         new.register_buffer("low", low, persistent=False)
-        frames = get_codec("zstd").encode(memoryview(high.numpy()), cls.FRAME, level=3)
-        payload = torch.frombuffer(bytearray(b"".join(frames)), dtype=torch.uint8)
-        if not np.array_equal(new.set_payload("zstd", payload, [len(f) for f in frames], cls.FRAME, high.numel()), high.numpy()):
-            raise DecodeError("the high plane of an int8 weight did not decode to itself")
+        new.keep_compressed(high, "the high plane of an int8 weight")
         return new
 
     def stream_parts(self, buf):
