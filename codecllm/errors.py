@@ -72,6 +72,10 @@ class DeviceError(CodecLLMError):
     """The requested device or its libraries cannot be used."""
 
 
+class DeviceMapError(DeviceError):
+    """A ``device_map`` (or ``max_memory``) that codecllm cannot honour."""
+
+
 class OutputError(CodecLLMError):
     """The output cannot be written (read-only or full file system, a folder that takes no files); the
     message names the output and the system's reason."""

@@ -31,10 +31,6 @@ class NotSerializableError(CodecLLMError):
     """``save_pretrained`` was called on a model whose weights are codecllm modules."""
 
 
-class DeviceMapError(CodecLLMError):
-    """A ``device_map`` that codecllm cannot honour (several devices, disk offload)."""
-
-
 def _transformers():
     from transformers.quantizers import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -71,16 +67,19 @@ def _define():
         def __init__(self, quantization_config, **kwargs):
             super().__init__(quantization_config, **kwargs)
             self.device = torch.device("cpu")
+            self.device_map = None  # a map over several devices, which codecllm places itself
             self.dtype = None
             self.path = None
             self._hook = None
 
         def validate_environment(self, device_map=None, **kwargs):
-            self.device = _one_device(device_map)
+            self.device, self.device_map = _devices(device_map)
 
         def update_device_map(self, device_map):
-            # "auto" and the like would be expanded over the meta model's float sizes: one device is all we do
-            return {"": self.device} if isinstance(device_map, str) else device_map
+            # transformers would place "auto" and the like over the meta model's float sizes, and dispatch a
+            # map of several devices with hooks that move float parameters: codecllm.loader places the
+            # model itself (codecllm.placement); transformers sees one device
+            return {"": self.device}
 
         def update_dtype(self, dtype):
             self.dtype = dtype
@@ -101,7 +100,10 @@ def _define():
             del model._keys_to_ignore_on_load_unexpected
             from .loader import load_into
 
-            load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
+            if self.device_map is None:
+                load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
+            else:
+                load_into(model, self.path, device_map=self.device_map, mode=self.quantization_config.mode, dtype=self.dtype)
             self.compiles = all(getattr(m, "compiles", True) for m in model.modules())  # (stream layers that decode through ctypes do not)
             _settle_ties(model)
             return model
@@ -142,18 +144,24 @@ def _settle_ties(model) -> None:
             m.all_tied_weights_keys = {}
 
 
-def _one_device(device_map) -> torch.device:
-    """The single device a ``device_map`` (as ``from_pretrained`` normalizes it) puts the model on."""
-    if device_map is None:
-        return torch.device("cpu")
-    if isinstance(device_map, str):  # "auto", "balanced", "sequential": the first accelerator, else the CPU
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}
-    if len(devices) != 1 or devices == {"disk"} or devices == {"meta"}:
-        raise DeviceMapError(f"device_map must put the whole model on one CPU or CUDA device, got {sorted(devices)}")
+def _devices(device_map) -> tuple[torch.device, str | dict | None]:
+    """The device transformers is told about, and the map codecllm places the model with (None: that
+    one device), for a ``device_map`` as ``from_pretrained`` normalizes it."""
     from .loader import _device
+    from .placement import normalize
 
-    return _device(devices.pop())
+    if device_map is None:
+        return torch.device("cpu"), None
+    norm = normalize(device_map)
+    if isinstance(norm, str):  # "auto", "balanced"...: over the GPUs there are, else the CPU
+        if not torch.cuda.is_available():
+            return torch.device("cpu"), None
+        return torch.device("cuda", torch.cuda.current_device()), norm
+    devices = set(norm.values())
+    if len(devices) == 1:
+        return _device(devices.pop()), None
+    gpus = sorted((d for d in devices if d != "cpu"), key=lambda d: int(d.split(":")[1]))
+    return _device(gpus[0] if gpus else "cpu"), norm
 
 
 CodecLLMConfig = CodecLLMQuantizer = None

@@ -22,7 +22,7 @@ from torch import nn
 
 from .architecture import empty_model
 from .dtypes import FLOAT_DTYPES, torch_dtype
-from .errors import CodecLLMError, DeviceError, FormatError
+from .errors import CodecLLMError, DeviceError, DeviceMapError, FormatError
 from .format import CllmFile, Record
 from .qmodules import CpuPipeline, CpuStreamed, QEmbedding, QModule, dense_state_dict
 
@@ -108,10 +108,12 @@ def default_dtype(f: CllmFile, dev: torch.device) -> torch.dtype:
 
 def load(
     path: str | os.PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     mode: str = "resident",
     dtype: torch.dtype | None = None,
     gpu_stream_codec: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> nn.Module:
     """Load a ``.cllm`` file as a transformers model in eval mode.
 
@@ -127,29 +129,65 @@ def load(
     about 10.7 bits, decoded per layer before use) or ``"zstd"`` (quantized weights as the file's own
     frames).
 
+    ``device_map`` spreads the model over several devices instead of ``device``: ``"auto"``,
+    ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (placed by accelerate over what each module
+    holds in the chosen mode, within ``max_memory``, ``{0: "20GiB", "cpu": ...}``; by default 90% of each
+    GPU's free memory) or ``{module prefix: device}``, where ``"cpu"`` offloads a module: its weights stay
+    in CPU memory and it computes on the map's first GPU (``codecllm.placement``).
+
     >>> model = codecllm.load("model.cllm", device="cpu")          # doctest: +SKIP
     >>> model.generate(**tokenizer("Hello", return_tensors="pt"))  # doctest: +SKIP
     """
     if mode not in MODES:
         raise CodecLLMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    dev = _device(device)
+    placement = _placement(device, device_map, max_memory)
     with CllmFile(path) as f:
-        dtype = dtype or default_dtype(f, dev)
-        model = empty_model(f.config(), dtype)
-        _fill(model, f, dev, mode, dtype, gpu_stream_codec)
+        if isinstance(placement, torch.device):
+            dtype = dtype or default_dtype(f, placement)
+            model = empty_model(f.config(), dtype)
+            _fill(model, f, placement, mode, dtype, gpu_stream_codec)
+        else:
+            model = _fill_mapped(None, f, placement, max_memory, mode, dtype, gpu_stream_codec)
     return model
 
 
-def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", mode: str = "resident",
-              dtype: torch.dtype | None = None, gpu_stream_codec: str | None = None) -> nn.Module:
+def load_into(model: nn.Module, path: str | os.PathLike, device: str | torch.device | None = None, mode: str = "resident",
+              dtype: torch.dtype | None = None, gpu_stream_codec: str | None = None, device_map: str | dict | None = None,
+              max_memory: dict | None = None) -> nn.Module:
     """Fill ``model`` (built from the file's config, parameters on the meta device, as transformers builds
     it before loading weights) from the ``.cllm`` file in place; returns it."""
     if mode not in MODES:
         raise CodecLLMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    dev = _device(device)
+    placement = _placement(device, device_map, max_memory)
     with CllmFile(path) as f:
-        _fill(model, f, dev, mode, dtype or default_dtype(f, dev), gpu_stream_codec)
+        if isinstance(placement, torch.device):
+            _fill(model, f, placement, mode, dtype or default_dtype(f, placement), gpu_stream_codec)
+        else:
+            _fill_mapped(model, f, placement, max_memory, mode, dtype, gpu_stream_codec)
     return model
+
+
+def _placement(device, device_map, max_memory) -> torch.device | str | dict[str, str]:
+    """One device, or a normalized device map (a policy name or ``{prefix: device}``) that names several."""
+    from .placement import POLICIES, normalize
+
+    if device_map is None:
+        if max_memory is not None:
+            raise DeviceMapError("max_memory is used with device_map only")
+        return _device("cpu" if device is None else device)
+    if device is not None:
+        raise DeviceMapError("give device or device_map, not both")
+    norm = normalize(device_map)
+    if isinstance(norm, str):  # a policy: over the GPUs there are, else the CPU alone
+        return norm if torch.cuda.is_available() else _device("cpu")
+    if max_memory is not None:
+        raise DeviceMapError("max_memory is used with a named device_map policy (" + ", ".join(POLICIES) + "), not an explicit map")
+    devices = set(norm.values())
+    for d in devices - {"cpu"}:
+        _device(d)  # (a clear error for a GPU that is not there)
+    if len(devices) == 1 or devices == {"cpu"}:
+        return _device(devices.pop())
+    return norm
 
 
 def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: torch.dtype, gpu_stream_codec: str | None) -> None:
@@ -163,6 +201,16 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     backend.reserve(order, streamed)
     for rec in order:
         _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
+    _settle(model, f)
+    model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
+    model.eval()
+    _finish_loads(model)
+    backend.finish(model)
+
+
+def _settle(model: nn.Module, f: CllmFile) -> None:
+    """The embedded generation config; no tensor left unloaded."""
+    doc = f.doc
     if "generation_config.json" in doc.files:
         from transformers import GenerationConfig
 
@@ -173,15 +221,155 @@ def _fill(model: nn.Module, f: CllmFile, dev: torch.device, mode: str, dtype: to
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.device.type == "meta"]
     if missing:
         raise FormatError(f"{f.path}: the file holds no tensor for {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.to(dev)  # buffers made at construction (rotary tables); every loaded tensor is there already
-    model.eval()
-    by_owner: dict[type, list[nn.Module]] = {}  # stand-ins by the class whose finish_load they share
+
+
+def _finish_loads(model: nn.Module) -> None:
+    by_owner: dict[tuple, list[nn.Module]] = {}  # stand-ins by the class whose finish_load they share, per device
     for m in model.modules():
         if isinstance(m, QModule):
-            by_owner.setdefault(next(c for c in type(m).__mro__ if "finish_load" in c.__dict__), []).append(m)
-    for owner, layers in by_owner.items():
+            by_owner.setdefault((next(c for c in type(m).__mro__ if "finish_load" in c.__dict__), m.device), []).append(m)
+    for (owner, _), layers in by_owner.items():
         owner.finish_load(layers)
-    backend.finish(model)
+
+
+def plan(path: str | os.PathLike, device_map: str | dict = "auto", max_memory: dict | None = None, mode: str = "resident",
+         dtype: torch.dtype | None = None, gpu_stream_codec: str | None = None):
+    """Where ``load(path, device_map=..., max_memory=..., mode=...)`` would put each module, and the bytes
+    each device would hold (a ``codecllm.placement.Placement``), from the header alone: no GPU is needed
+    when ``max_memory`` names the GPUs (``{0: "8GiB", 1: "8GiB", "cpu": "32GiB"}``)."""
+    from .placement import normalize
+
+    if mode not in MODES:
+        raise CodecLLMError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    with CllmFile(path) as f:
+        dtype = dtype or default_dtype(f, torch.device("cuda"))
+        return _plan(empty_model(f.config(), dtype), f, normalize(device_map), max_memory, mode, dtype, gpu_stream_codec)[0]
+
+
+def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_memory: dict | None, mode: str, dtype: torch.dtype,
+          gpu_stream_codec: str | None):
+    """The placement of ``model``'s records (``codecllm.placement``): the map (computed by accelerate for a
+    policy), each record's device, the mode and streamed records, and the bytes each device holds."""
+    from .gpu.backend import stream_keys
+    from .gpu.stream import aligned
+    from .kernels.launch import scratch_bytes
+    from .placement import Placement, called, entry_of, infer, max_memory_of
+
+    doc = f.doc
+    keys = stream_keys(gpu_stream_codec)
+    names_of, order, targets = _targets(model, doc)
+    if mode != "resident":
+        mode = _choose(f.path, torch.device("cuda"), mode, _footprint(doc, targets, "cuda", keys, dtype))
+    streamed = _streamed(doc, targets, keys) if mode == "stream" else set()
+    held = _held(doc, targets, "cuda", keys, dtype, streamed)
+    if isinstance(device_map, str):
+        sizes = {n: held[r.name][0] for r in order for n in names_of[r.name]}
+        device_map = infer(model, sizes, device_map, max_memory_of(max_memory), _shared(held, doc, dtype) + scratch_bytes())
+    device_map = called(model, device_map)
+    gpus = sorted({d for d in device_map.values() if d != "cpu"}, key=lambda d: int(d.split(":")[1]))
+    placement = Placement(device_map, gpus[0] if gpus else None, mode=mode)
+    for rec in order:
+        devices = {placement.device_of(n) for n in names_of[rec.name]}
+        if len(devices) > 1:
+            raise DeviceMapError(f"tensor {rec.name!r} is shared by {', '.join(names_of[rec.name])}, which device_map puts on "
+                                 f"{', '.join(sorted(devices))}: map them to one device")
+        placement.where[rec.name] = devices.pop()
+    placement.streamed = {n for n in streamed if placement.where[n] != "cpu"}
+    offloaded = {n: w for n, w in placement.where.items() if w == "cpu"}
+    if offloaded and gpus:  # computed on the main GPU in their resident form, held in pinned CPU memory
+        resident = _held(doc, {n: targets[n] for n in offloaded}, "cuda", keys, dtype, set())
+        per_entry: dict[str, int] = {}
+        for n in offloaded:
+            entry = entry_of(device_map, names_of[n][0])
+            per_entry[entry] = per_entry.get(entry, 0) + aligned(resident[n][0])
+        placement.predicted["cpu"] = sum(per_entry.values())
+        placement.staging = max(per_entry.values())
+    for d in gpus:
+        mine = {n: v for n, v in held.items() if placement.where[n] == d}
+        placement.predicted[d] = (sum(n for n, _ in mine.values()) + _shared(mine, doc, dtype) + scratch_bytes(int(d.split(":")[1]))
+                                  + (placement.staging if d == placement.main else 0))
+    return placement, names_of, order
+
+
+def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[str, str], max_memory: dict | None, mode: str,
+                 dtype: torch.dtype | None, gpu_stream_codec: str | None) -> nn.Module:
+    """Load over several devices (``codecllm.placement``): each GPU's records through a backend of its
+    own; each module mapped to "cpu" built on the main GPU, then moved to pinned host memory."""
+    from .gpu import fusion
+    from .gpu.backend import CudaBackend
+    from .placement import Offload, entry_of, wrap
+
+    dtype = dtype or default_dtype(f, torch.device("cuda"))
+    if model is None:
+        model = empty_model(f.config(), dtype)
+    placement, names_of, order = _plan(model, f, device_map, max_memory, mode, dtype, gpu_stream_codec)
+    gpus = placement.gpus
+    model.codecllm_mode = placement.mode
+    if not gpus or len(set(placement.map.values())) == 1:  # all on one device after all
+        dev = _device(next(iter(placement.map.values())))
+        _fill(model, f, dev, placement.mode, dtype, gpu_stream_codec)  # (in the dtype the model was built in)
+        model.codecllm_device_map = {"": str(dev)}
+        return model
+    where, streamed = placement.where, placement.streamed
+    _move_constructed(model, placement)
+    backends = {}
+    for d in gpus:
+        dev = torch.device(d)
+        backend = backends[d] = CudaBackend(f, dev, gpu_stream_codec)
+        with torch.cuda.device(dev):
+            recs = [r for r in order if where[r.name] == d]
+            backend.reserve(recs, streamed)
+            for rec in recs:
+                _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
+    main = torch.device(placement.main)
+    offload = Offload(main)
+    entries: dict[str, list[Record]] = {}
+    for rec in order:
+        if where[rec.name] == "cpu":
+            entries.setdefault(entry_of(placement.map, names_of[rec.name][0]), []).append(rec)
+    for prefix, recs in entries.items():
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            raise DeviceMapError(f"device_map offloads {prefix!r}, which is not a module: offload whole modules") from None
+        temp = CudaBackend(f, main, gpu_stream_codec)
+        with torch.cuda.device(main):
+            temp.reserve(recs, set())
+            for rec in recs:
+                _place(model, temp, rec, names_of[rec.name], False, dtype)
+            offload.take(module)
+        del temp
+    _settle(model, f)
+    model.eval()
+    _finish_loads(model)
+    for backend in backends.values():
+        backend.finish(model, fuse=False)
+    fuser = fusion.install(model)
+    if fuser is not None:
+        offload.flush = fuser.flush
+    with torch.cuda.device(main):
+        offload.bind()
+    if len(gpus) > 1:
+        for prefix, d in placement.map.items():
+            if d != "cpu":
+                wrap(model.get_submodule(prefix) if prefix else model, d)
+        wrap(model, placement.main, outputs_back=True)
+    model.codecllm_device_map = dict(placement.map)
+    model.codecllm_placement = placement
+    model.hf_device_map = {p: int(placement.execution(p).split(":")[1]) for p in placement.map}
+    return model
+
+
+def _move_constructed(model: nn.Module, placement) -> None:
+    """Tensors made when the model was built (rotary tables), not stored in the file: to the device their
+    module computes on."""
+    for mname, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for attr, t in list(table.items()):
+                dev = torch.device(placement.execution(f"{mname}.{attr}" if mname else attr))
+                if t is not None and t.device.type != "meta" and t.device != dev:
+                    moved = t.to(dev)
+                    table[attr] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
 
 
 def _targets(model: nn.Module, doc) -> tuple[dict[str, list[str]], list[Record], dict[str, list]]:
@@ -227,25 +415,40 @@ def _footprint(doc, targets: dict[str, list], backend: str, stream_keys: tuple[s
     out = {}
     for mode in ("resident", "stream"):
         streamed = _streamed(doc, targets, stream_keys) if mode == "stream" else set()
-        held = time = 0.0
-        by_owner: dict[type, list[tuple[type, Record]]] = {}  # (class, record) by the class whose workspaces they share
+        each = _held(doc, targets, backend, stream_keys, dtype, streamed)
+        time = 0.0
         for name, mods in targets.items():
-            rec = doc.tensors[name]
-            cls = _holder(rec, mods, backend, stream_keys if name in streamed else None)
-            if cls is None:
-                n = rec.numel * (dtype.itemsize if rec.dtype in FLOAT_DTYPES else torch_dtype(rec.dtype).itemsize)
-            else:
-                n = cls.held_bytes(rec, dtype)
-                owner = next(c for c in cls.__mro__ if "shared_bytes" in c.__dict__)
-                by_owner.setdefault(owner, []).append((cls, rec))
+            n, cls = each[name]
             resident.setdefault(name, n)
-            held += n
             if not all(isinstance(m, nn.Embedding) for _, m, _ in mods):  # (a tied head reads its weight in full)
                 time += resident[name] / (cls.relative_speed if cls is not None else 1.0)
-        held += sum(owner.shared_bytes(pairs, dtype) for owner, pairs in by_owner.items())
-        out[mode] = {"bytes": int(held), "time": time}
+        out[mode] = {"bytes": sum(n for n, _ in each.values()) + _shared(each, doc, dtype), "time": time}
     base = out["resident"]["time"]
     return {m: {"bytes": v["bytes"], "speed": base / v["time"] if v["time"] else 1.0} for m, v in out.items()}
+
+
+def _held(doc, targets: dict[str, list], backend: str, stream_keys: tuple[str, ...], dtype: torch.dtype,
+          streamed: set[str]) -> dict[str, tuple[int, type | None]]:
+    """Per record: the bytes it would hold, and the stand-in class holding it (None: a plain tensor)."""
+    out = {}
+    for name, mods in targets.items():
+        rec = doc.tensors[name]
+        cls = _holder(rec, mods, backend, stream_keys if name in streamed else None)
+        if cls is None:
+            out[name] = (rec.numel * (dtype.itemsize if rec.dtype in FLOAT_DTYPES else torch_dtype(rec.dtype).itemsize), None)
+        else:
+            out[name] = (cls.held_bytes(rec, dtype), cls)
+    return out
+
+
+def _shared(held: dict[str, tuple[int, type | None]], doc, dtype: torch.dtype) -> int:
+    """The workspaces the stand-ins of ``held`` (a ``_held`` result) share, once per owning class."""
+    by_owner: dict[type, list[tuple[type, Record]]] = {}  # (class, record) by the class whose workspaces they share
+    for name, (_, cls) in held.items():
+        if cls is not None:
+            owner = next(c for c in cls.__mro__ if "shared_bytes" in c.__dict__)
+            by_owner.setdefault(owner, []).append((cls, doc.tensors[name]))
+    return sum(owner.shared_bytes(pairs, dtype) for owner, pairs in by_owner.items())
 
 
 def _holder(rec: Record, mods: list, backend: str, stream_keys: tuple[str, ...] | None) -> type | None:

@@ -106,14 +106,17 @@ class CudaBackend:
         table = nvcomp.ChunkTable(algo, comp, offsets, sizes, 0, outs, part.chunk_size, statuses, actual)
         layer.set_stream(table, part, self.schedule)
 
-    def finish(self, model: nn.Module) -> None:
-        """Let sibling layers fuse; give the stream layers their workspaces, check that every streamed
-        weight decodes once, and hook the model's forward (prefetches stay inside one forward)."""
+    def finish(self, model: nn.Module, fuse: bool = True) -> None:
+        """Let sibling layers fuse (``fuse``: the model's, on every device, once); give the stream layers
+        their workspaces, check that every streamed weight decodes once, and hook the model's forward
+        (prefetches stay inside one forward)."""
         from ..kernels.launch import reserve_scratch
         from . import fusion
 
-        reserve_scratch(self.device)
-        fusion.install(model)
-        decoders.release(self.device)
-        self.main = self.sides = None
-        self.schedule.finish(model, self.device)
+        with torch.cuda.device(self.device):
+            reserve_scratch(self.device)
+            if fuse:
+                fusion.install(model)
+            decoders.release(self.device)
+            self.main = self.sides = None
+            self.schedule.finish(model, self.device)

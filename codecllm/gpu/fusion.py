@@ -120,6 +120,12 @@ class SiblingFusion:
             self.run_ = [layer]
         self.last = (x, x._version)
 
+    def flush(self) -> None:
+        """While learning: close the run of calls seen so far (its layers' tensors are about to change:
+        an offloaded module's staging buffer is refilled, ``codecllm.placement``)."""
+        if self.learning:
+            self._close()
+
     def learn(self, *_) -> None:
         """After the first forward: the runs of consecutive calls on one unmodified input are the groups."""
         if self.learning and not torch.compiler.is_compiling():  # a compiled forward calls no runner

@@ -16,6 +16,7 @@ from ..errors import DeviceError
 from ..gpu.graphs import events_ms
 
 MAX_SPLIT_K = 8
+SPARE_SCRATCH = 4  # scratch made ahead per device (``reserve_scratch``)
 SPLIT_MAX_N = 8192  # wider outputs have tiles enough: K is not split for them
 SMALL_M = 16
 # the interpreter has no benchmarking driver: each kernel runs one fixed configuration there
@@ -49,9 +50,15 @@ class Scratch:
         self.ptrs = (self.parts.data_ptr(), self.counts.data_ptr())
 
 
+def scratch_bytes(index: int | None = None) -> int:
+    """What ``reserve_scratch`` allocates on a device: on GPU ``index``, from now (none where it made its
+    scratch already)."""
+    made = SPARE_SCRATCH if index is None else SPARE_SCRATCH - len(SPARE.get(index, ()))
+    return made * (4 * MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128) + 4 * (SPLIT_MAX_N + 1))
+
+
 SCRATCH: dict[tuple, Scratch] = {}
 SPARE: dict[int | None, list[Scratch]] = {}  # per device: made ahead, for streams not seen yet
-SPARE_SCRATCH = 4
 
 
 def reserve_scratch(device: torch.device) -> None:
