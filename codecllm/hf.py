@@ -79,7 +79,7 @@ def _define():
             # transformers would place "auto" and the like over the meta model's float sizes, and dispatch a
             # map of several devices with hooks that move float parameters: codecllm.loader places the
             # model itself (codecllm.placement); transformers sees one device
-            return {"": self.device}
+            return None if device_map is None else {"": self.device}
 
         def update_dtype(self, dtype):
             self.dtype = dtype

@@ -253,7 +253,7 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
     from .gpu.backend import stream_keys
     from .gpu.stream import aligned
     from .kernels.launch import scratch_bytes
-    from .placement import Placement, called, entry_of, infer, max_memory_of
+    from .placement import Placement, flatten, infer, max_memory_of
 
     doc = f.doc
     keys = stream_keys(gpu_stream_codec)
@@ -262,12 +262,16 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
         mode = _choose(f.path, torch.device("cuda"), mode, _footprint(doc, targets, "cuda", keys, dtype))
     streamed = _streamed(doc, targets, keys) if mode == "stream" else set()
     held = _held(doc, targets, "cuda", keys, dtype, streamed)
+    main = None
     if isinstance(device_map, str):
         sizes = {n: held[r.name][0] for r in order for n in names_of[r.name]}
-        device_map = infer(model, sizes, device_map, max_memory_of(max_memory), _shared(held, doc, dtype) + scratch_bytes())
-    device_map = called(model, device_map)
+        memory = max_memory_of(max_memory)
+        device_map = infer(model, sizes, device_map, memory, _shared(held, doc, dtype) + scratch_bytes())
+        gpu_keys = sorted(k for k, v in memory.items() if isinstance(k, int) and v > 0)
+        main = f"cuda:{gpu_keys[0]}" if gpu_keys else None  # (where offloaded modules compute, even with none placed on a GPU)
+    device_map = flatten(model, device_map)
     gpus = sorted({d for d in device_map.values() if d != "cpu"}, key=lambda d: int(d.split(":")[1]))
-    placement = Placement(device_map, gpus[0] if gpus else None, mode=mode)
+    placement = Placement(device_map, gpus[0] if gpus else main, mode=mode)
     for rec in order:
         devices = {placement.device_of(n) for n in names_of[rec.name]}
         if len(devices) > 1:
@@ -275,20 +279,47 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
                                  f"{', '.join(sorted(devices))}: map them to one device")
         placement.where[rec.name] = devices.pop()
     placement.streamed = {n for n in streamed if placement.where[n] != "cpu"}
-    offloaded = {n: w for n, w in placement.where.items() if w == "cpu"}
-    if offloaded and gpus:  # computed on the main GPU in their resident form, held in pinned CPU memory
+    offloaded = [r.name for r in order if placement.where[r.name] == "cpu"]
+    if offloaded and placement.main:  # computed on the main GPU in their resident form, held in pinned CPU memory
         resident = _held(doc, {n: targets[n] for n in offloaded}, "cuda", keys, dtype, set())
-        per_entry: dict[str, int] = {}
-        for n in offloaded:
-            entry = entry_of(device_map, names_of[n][0])
-            per_entry[entry] = per_entry.get(entry, 0) + aligned(resident[n][0])
-        placement.predicted["cpu"] = sum(per_entry.values())
-        placement.staging = max(per_entry.values())
-    for d in gpus:
+        for prefixes, records in _units(device_map, {n: names_of[n] for n in offloaded}):
+            placement.units.append((prefixes, records))
+            nbytes = sum(aligned(resident[n][0]) for n in records)
+            placement.predicted["cpu"] = placement.predicted.get("cpu", 0) + nbytes
+            placement.staging = max(placement.staging, nbytes)
+    for d in sorted({*gpus, *([placement.main] if placement.units else [])}, key=lambda d: int(d.split(":")[1])):
         mine = {n: v for n, v in held.items() if placement.where[n] == d}
         placement.predicted[d] = (sum(n for n, _ in mine.values()) + _shared(mine, doc, dtype) + scratch_bytes(int(d.split(":")[1]))
                                   + (placement.staging if d == placement.main else 0))
     return placement, names_of, order
+
+
+def _units(device_map: dict[str, str], offloaded: dict[str, list[str]]) -> list[tuple[list[str], list[str]]]:
+    """The offloaded modules as units staged together: one per key of the map, merged where keys share a
+    stored tensor (a tied embedding and head). Each: (keys, record names)."""
+    from .placement import entry_of
+
+    unit_of: dict[str, int] = {}
+    units: list[tuple[list[str], list[str]]] = []
+    for rec, names in offloaded.items():
+        keys = {entry_of(device_map, n) for n in names}
+        found = sorted({unit_of[k] for k in keys if k in unit_of})
+        if not found:
+            units.append(([], []))
+            found = [len(units) - 1]
+        target = found[0]
+        for other in found[1:]:  # merge
+            units[target][0].extend(units[other][0])
+            units[target][1].extend(units[other][1])
+            for k in units[other][0]:
+                unit_of[k] = target
+            units[other] = ([], [])
+        for k in keys:
+            if k not in unit_of:
+                unit_of[k] = target
+                units[target][0].append(k)
+        units[target][1].append(rec)
+    return [u for u in units if u[0]]
 
 
 def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[str, str], max_memory: dict | None, mode: str,
@@ -297,23 +328,27 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
     own; each module mapped to "cpu" built on the main GPU, then moved to pinned host memory."""
     from .gpu import fusion
     from .gpu.backend import CudaBackend
-    from .placement import Offload, entry_of, wrap
+    from .placement import Offload, wrap
 
+    asked, given = dtype, model
     dtype = dtype or default_dtype(f, torch.device("cuda"))
     if model is None:
         model = empty_model(f.config(), dtype)
     placement, names_of, order = _plan(model, f, device_map, max_memory, mode, dtype, gpu_stream_codec)
     gpus = placement.gpus
-    model.codecllm_mode = placement.mode
-    if not gpus or len(set(placement.map.values())) == 1:  # all on one device after all
-        dev = _device(next(iter(placement.map.values())))
-        _fill(model, f, dev, placement.mode, dtype, gpu_stream_codec)  # (in the dtype the model was built in)
+    if not placement.main or gpus == [placement.main] and not placement.units:  # all on one device after all
+        dev = _device(placement.main or "cpu")
+        if dev.type == "cpu" and given is None and asked is None:
+            dtype = default_dtype(f, dev)
+            model = empty_model(f.config(), dtype)
+        _fill(model, f, dev, placement.mode, dtype, gpu_stream_codec)
         model.codecllm_device_map = {"": str(dev)}
         return model
+    model.codecllm_mode = placement.mode
     where, streamed = placement.where, placement.streamed
     _move_constructed(model, placement)
     backends = {}
-    for d in gpus:
+    for d in sorted({*gpus, placement.main}, key=lambda d: int(d.split(":")[1])):
         dev = torch.device(d)
         backend = backends[d] = CudaBackend(f, dev, gpu_stream_codec)
         with torch.cuda.device(dev):
@@ -323,21 +358,15 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
                 _place(model, backend, rec, names_of[rec.name], rec.name in streamed, dtype)
     main = torch.device(placement.main)
     offload = Offload(main)
-    entries: dict[str, list[Record]] = {}
-    for rec in order:
-        if where[rec.name] == "cpu":
-            entries.setdefault(entry_of(placement.map, names_of[rec.name][0]), []).append(rec)
-    for prefix, recs in entries.items():
-        try:
-            module = model.get_submodule(prefix)
-        except AttributeError:
-            raise DeviceMapError(f"device_map offloads {prefix!r}, which is not a module: offload whole modules") from None
+    records = {r.name: r for r in order}
+    for prefixes, names in placement.units:
+        recs = [records[n] for n in names]
         temp = CudaBackend(f, main, gpu_stream_codec)
         with torch.cuda.device(main):
             temp.reserve(recs, set())
             for rec in recs:
                 _place(model, temp, rec, names_of[rec.name], False, dtype)
-            offload.take(module)
+            offload.take([model.get_submodule(p) if p else model for p in prefixes])
         del temp
     _settle(model, f)
     model.eval()
@@ -349,14 +378,15 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
         offload.flush = fuser.flush
     with torch.cuda.device(main):
         offload.bind()
-    if len(gpus) > 1:
+    if len({*gpus, placement.main}) > 1:
         for prefix, d in placement.map.items():
             if d != "cpu":
                 wrap(model.get_submodule(prefix) if prefix else model, d)
         wrap(model, placement.main, outputs_back=True)
     model.codecllm_device_map = dict(placement.map)
     model.codecllm_placement = placement
-    model.hf_device_map = {p: int(placement.execution(p).split(":")[1]) for p in placement.map}
+    # (as accelerate reports offload: transformers then leaves generate() uncompiled)
+    model.hf_device_map = {p: "cpu" if d == "cpu" else int(d.split(":")[1]) for p, d in placement.map.items()}
     return model
 
 

@@ -134,6 +134,7 @@ class Placement:
     where: dict[str, str] = field(default_factory=dict)  # stored tensor -> its device
     streamed: set[str] = field(default_factory=set)  # stored tensors kept compressed (stream mode)
     staging: int = 0  # bytes of the main GPU's staging buffer for offloaded modules
+    units: list = field(default_factory=list)  # offloaded (map keys, stored tensors), each staged as one
 
     def device_of(self, name: str) -> str:
         entry = entry_of(self.map, name)
@@ -203,24 +204,53 @@ class _sized:
             table[attr] = old
 
 
-def called(model: nn.Module, device_map: dict[str, str]) -> dict[str, str]:
-    """The map with every container (``nn.ModuleList``, ``nn.ModuleDict``: the model calls their children,
-    never them) replaced by its children, so that every key names a module whose forward runs."""
-    out = {}
+def flatten(model: nn.Module, device_map: dict[str, str]) -> dict[str, str]:
+    """The map as a partition of the model into modules that run: a key naming a tensor becomes its
+    module; a container (``nn.ModuleList``, ``nn.ModuleDict``: the model calls their children, never them)
+    and a module with other keys inside it become their children (each keeping the device of its
+    closest key), so that no key holds another and every key's module has a forward that runs."""
+    mods = {}
     for prefix, dev in device_map.items():
-        stack = [prefix]
-        while stack:
-            name = stack.pop(0)
+        name = prefix
+        try:
+            model.get_submodule(name) if name else model
+        except AttributeError:
+            owner, _, attr = name.rpartition(".")
             try:
-                module = model.get_submodule(name) if name else model
+                module = model.get_submodule(owner) if owner else model
             except AttributeError:
-                out[name] = dev  # a tensor: the loader says what it cannot do with it
-                continue
-            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-                stack[:0] = [f"{name}.{child}" if name else child for child, _ in module.named_children()]
-            else:
-                out[name] = dev
-    return out
+                module = None
+            if module is None or not (attr in module._parameters or attr in module._buffers):
+                raise DeviceMapError(f"device_map key {prefix!r} names no module or tensor of {type(model).__name__}") from None
+            name = owner
+        if mods.get(name, dev) != dev:
+            raise DeviceMapError(f"device_map puts parts of {name or 'the model'!r} on {mods[name]} and {dev}: map whole modules")
+        mods[name] = dev
+    out = {}
+    stack = sorted(mods)
+    while stack:
+        name = stack.pop(0)
+        module = model.get_submodule(name) if name else model
+        inner = [k for k in mods if k != name and (name == "" or k.startswith(name + "."))]
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or inner:
+            if inner and (module._parameters or module._buffers):
+                raise DeviceMapError(f"device_map maps modules inside {name or 'the model'!r}, which holds tensors of its own: "
+                                     "map it whole, or map each of its children")
+            for child, _ in module.named_children():
+                full = f"{name}.{child}" if name else child
+                if full not in mods:
+                    mods[full] = mods[name]
+                    stack.append(full)
+            continue
+        out[name] = mods[name]
+    return {k: out[k] for k in sorted(out, key=lambda k: _order(model, k))}
+
+
+def _order(model: nn.Module, name: str) -> int:
+    for i, (n, _) in enumerate(model.named_modules()):
+        if n == name:
+            return i
+    return 0
 
 
 # -- running --
@@ -263,42 +293,42 @@ def _first_device(tree) -> torch.device | None:
 
 
 class Offload:
-    """The offloaded modules that compute on one GPU, and the staging buffer they share there."""
+    """The offloaded modules that compute on one GPU, and the staging buffer they share there. A *unit*
+    is one module of the map, or several that share a stored tensor (a tied embedding and head): one host
+    buffer, staged as one."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.entries: list[tuple[nn.Module, torch.Tensor, list]] = []  # (module, pinned host bytes, tensor slots)
+        self.units: list[tuple[list[nn.Module], torch.Tensor, list]] = []  # (modules, pinned host bytes, tensor slots)
         self.staging: torch.Tensor | None = None
+        self.current = -1  # the unit whose bytes the staging buffer holds (in stream order)
         self.flush = None  # called before the staging buffer is overwritten (sibling fusion's learner)
 
-    def take(self, module: nn.Module) -> int:
-        """Move ``module``'s tensors (built on this GPU) into one pinned host buffer; they become views of
-        the staging buffer in ``bind``. Returns the host buffer's size."""
+    def take(self, modules: list[nn.Module]) -> int:
+        """Move the tensors of ``modules`` (built on this GPU) into one pinned host buffer, each storage's
+        tensors at the same offsets from one another (so that siblings laid back to back stay so); they
+        become views of the staging buffer in ``bind``. Returns the host buffer's size."""
         slots, spans, order = [], {}, []
-        seen: dict[int, int] = {}
-        for owner in module.modules():
-            for table_name in ("_parameters", "_buffers"):
-                table = getattr(owner, table_name)
-                for name, t in table.items():
-                    if t is None or t.device != self.device or _no_storage(t):
-                        continue
-                    key = t.untyped_storage().data_ptr()
-                    size = t.element_size()
-                    start = t.storage_offset() * size
-                    end = start + (_extent(t) * size)
-                    if key not in spans:
-                        spans[key] = [start, end, t.untyped_storage()]
-                        order.append(key)
-                    else:
-                        spans[key][0], spans[key][1] = min(spans[key][0], start), max(spans[key][1], end)
-                    slots.append((owner, table_name, name, t, key, start))
-                    seen.setdefault(id(t), len(slots) - 1)
+        for module in modules:
+            for owner in module.modules():
+                for table_name in ("_parameters", "_buffers"):
+                    for name, t in getattr(owner, table_name).items():
+                        if t is None or t.device != self.device or _no_storage(t):
+                            continue
+                        key = t.untyped_storage().data_ptr()
+                        start = t.storage_offset() * t.element_size()
+                        end = start + _extent(t) * t.element_size()
+                        if key not in spans:
+                            spans[key] = [start, end, t.untyped_storage()]
+                            order.append(key)
+                        else:
+                            spans[key][0], spans[key][1] = min(spans[key][0], start), max(spans[key][1], end)
+                        slots.append((owner, table_name, name, t, key, start))
         pos, where = 0, {}
         for key in order:
-            lo = spans[key][0] // ALIGN * ALIGN
-            spans[key][0] = lo
+            spans[key][0] = spans[key][0] // ALIGN * ALIGN
             where[key] = pos
-            pos += -(-(spans[key][1] - lo) // ALIGN) * ALIGN
+            pos += -(-(spans[key][1] - spans[key][0]) // ALIGN) * ALIGN
         host = torch.empty(pos, dtype=torch.uint8, pin_memory=True)
         for key in order:
             lo, hi, storage = spans[key]
@@ -308,36 +338,61 @@ class Offload:
                   for owner, table_name, name, t, key, start in slots]
         for owner, table_name, name, *_ in placed:  # the GPU copies go now (the loader drops its arenas)
             getattr(owner, table_name)[name] = None
-        self.entries.append((module, host, placed))
+        self.units.append((modules, host, placed))
         return pos
 
     def bind(self) -> int:
-        """Make one staging buffer for every offloaded module; their tensors become views of it and each
-        module's forward first copies its host bytes in. Returns the staging buffer's size."""
-        if not self.entries:
+        """Make one staging buffer for every offloaded unit; their tensors become views of it (sharing its
+        version counter: autograd refuses a saved view that a later refill changed) and each module's
+        forward first copies its unit's host bytes in; reading a stand-in's weight (``QModule.parts``) or
+        ``state_dict()`` outside a forward stages its unit first. Returns the staging buffer's size."""
+        if not self.units:
             return 0
-        size = max(host.numel() for _, host, _ in self.entries)
+        size = max(host.numel() for _, host, _ in self.units)
         self.staging = torch.empty(size, dtype=torch.uint8, device=self.device)
-        storage = self.staging.untyped_storage()
-        for module, host, placed in self.entries:
+        for index, (modules, host, placed) in enumerate(self.units):
             made: dict[tuple, torch.Tensor] = {}
             for owner, table_name, name, dtype, shape, stride, offset, is_param in placed:
                 key = (offset, dtype, shape, stride, is_param)
                 t = made.get(key)
                 if t is None:
                     item = torch.empty(0, dtype=dtype).element_size()
-                    t = torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset // item, shape, stride)
+                    flat = self.staging[offset:offset + max(_extent_of(shape, stride), 1) * item].view(dtype)
+                    t = flat.as_strided(shape, stride)
                     if is_param:
                         t = nn.Parameter(t, requires_grad=False)
                     made[key] = t
                 getattr(owner, table_name)[name] = t
-            wrap(module, str(self.device), before=functools.partial(self._fill, host))
+            stage = functools.partial(self.stage, index)
+            for module in modules:
+                # (a forward always copies: a CUDA graph captured from it must hold the copy)
+                wrap(module, str(self.device), before=functools.partial(self.stage, index, True))
+                module.register_state_dict_pre_hook(lambda *_, stage=stage: stage())
+                module.register_state_dict_post_hook(functools.partial(self._detach_state))  # (torch marks the hook: no bound method)
+                for m in module.modules():
+                    if hasattr(m, "part_names"):  # a stand-in: its parts are read outside forwards too
+                        m._stage = stage
         return size
 
-    def _fill(self, host: torch.Tensor) -> None:
+    def stage(self, index: int, always: bool = False) -> None:
+        """Have the staging buffer hold unit ``index`` (for what is enqueued from now on)."""
+        if self.current == index and not always:
+            return
         if self.flush is not None:
-            self.flush()  # a sibling group still being learned reads the module that staged before this one
-        self.staging[:host.numel()].copy_(host, non_blocking=True)
+            self.flush()  # a sibling group still being learned reads the unit staged before this one
+        host = self.units[index][1]
+        with torch.cuda.device(self.device):
+            self.staging[:host.numel()].copy_(host, non_blocking=True)
+        self.current = index
+
+    def _detach_state(self, module, state_dict, prefix, local_metadata) -> None:
+        """``state_dict()`` entries that are views of the staging buffer become copies (the buffer moves on)."""
+        lo = self.staging.data_ptr()
+        hi = lo + self.staging.numel()
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and isinstance(value, torch.Tensor) and value.device == self.device and not _no_storage(value) \
+                    and lo <= value.data_ptr() < hi:
+                state_dict[key] = value.detach().clone()
 
 
 def _no_storage(t: torch.Tensor) -> bool:
@@ -348,6 +403,10 @@ def _no_storage(t: torch.Tensor) -> bool:
 
 def _extent(t: torch.Tensor) -> int:
     """Elements from a tensor's first to one past its last, in its storage."""
-    if t.numel() == 0:
+    return _extent_of(tuple(t.shape), t.stride())
+
+
+def _extent_of(shape: tuple, stride: tuple) -> int:
+    if any(s == 0 for s in shape):
         return 0
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))

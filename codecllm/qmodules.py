@@ -42,6 +42,9 @@ class QuantizedWeight(torch.Tensor):
         self.module = module
 
     def dequantize(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):  # (the caller's current device may be another GPU)
+                return self.module.dequantized()
         return self.module.dequantized()
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -74,6 +77,7 @@ class QModule(nn.Module):
 
     relative_speed: float = 1.0
     compiles: bool = True
+    _stage = None  # set for a module offloaded to the CPU: puts its parts in place before they are read
 
     @classmethod
     def held_bytes(cls, rec, dtype: torch.dtype) -> int:
@@ -107,6 +111,8 @@ class QModule(nn.Module):
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The encoded parts, ready to compute with."""
+        if self._stage is not None:
+            self._stage()
         return {n: self._buffers[n] for n in self.part_names}
 
     def dequantized(self) -> torch.Tensor:

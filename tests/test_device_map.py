@@ -45,7 +45,8 @@ def test_plan_places_what_each_module_holds(llama4):
     assert "cpu" not in p.map.values()
     for d in ("cuda:0", "cuda:1"):
         mine = [n for n, w in p.where.items() if w == d]
-        assert p.predicted[d] - reserve == sum(held[n] for n in mine)  # (the norms, float16, hold as stored)
+        scratch = scratch_bytes(int(d[-1]))  # (made once per process and GPU)
+        assert p.predicted[d] - scratch == sum(held[n] for n in mine)  # (the norms, float16, hold as stored)
         assert p.predicted[d] <= (room if d == "cuda:0" else room + 10 * MB)
 
 
@@ -60,6 +61,40 @@ def test_plan_offloads_what_does_not_fit(llama4):
     assert p.predicted["cuda:0"] <= reserve + 2 * MB
     with pytest.raises(DeviceMapError, match="does not fit"):
         plan(llama4, "auto", max_memory={0: reserve, "cpu": 1000})
+
+
+def test_plan_everything_offloaded(llama4):
+    """A GPU share too small for any module: everything is offloaded, and computes on that GPU."""
+    p = plan(llama4, "sequential", max_memory={0: scratch_bytes() + 1000, "cpu": 10**9})
+    assert set(p.map.values()) == {"cpu"} and p.main == "cuda:0"
+    assert p.predicted["cuda:0"] == scratch_bytes(0) + p.staging
+
+
+def test_flatten_partitions_the_model(llama4):
+    """Keys inside other keys, containers and tensor names become a partition into modules that run."""
+    from codecllm.architecture import empty_model
+    from codecllm.format import CllmFile
+    from codecllm.placement import flatten
+
+    with CllmFile(llama4) as f:
+        model = empty_model(f.config(), torch.float16)
+    flat = flatten(model, {"": "cpu", "model.layers.1": "cuda:0", "lm_head.weight": "cuda:1"})
+    assert flat == {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cuda:0", "model.layers.2": "cpu",
+                    "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cuda:1"}
+    with pytest.raises(DeviceMapError, match="names no module or tensor"):
+        flatten(model, {"": "cpu", "model.layer.3": "cuda:0"})
+    with pytest.raises(DeviceMapError, match="parts of 'model.norm'"):
+        flatten(model, {"": "cpu", "model.norm.weight": "cuda:0", "model.norm": "cuda:1"})
+
+
+def test_tied_offload_is_one_unit(tmp_path):
+    """A tied embedding and head offloaded: one unit holding the shared table once, staged for both."""
+    src = save_tiny(tmp_path / "src", llama_config(tie_word_embeddings=True))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out)
+    p = plan(out, {"model.embed_tokens": "cpu", "lm_head": "cpu", "": 0})
+    assert [sorted(keys) for keys, _ in p.units] == [["lm_head", "model.embed_tokens"]]
+    assert p.units[0][1] == ["model.embed_tokens.weight"]
 
 
 def test_plan_balanced(llama4):
@@ -180,6 +215,31 @@ def test_offload_every_scheme_and_mode(tmp_path, quant, dtype, mode):
         g, y = capture(lambda: model(one).logits)
         g.replay()
         assert torch.equal(y, ref(one).logits)
+
+
+@pytest.mark.gpu
+def test_offloaded_weights_read_outside_forward(tmp_path):
+    """Reading an offloaded weight outside its module's forward (``state_dict()``, a stand-in's
+    ``weight.dequantize()``, a norm through ``state_dict``) gives its own values, not those of the module
+    staged last; a tied, offloaded embedding and head are staged as one."""
+    src = save_tiny(tmp_path / "m", llama_config(num_hidden_layers=4, tie_word_embeddings=True))
+    out = tmp_path / "m.cllm"
+    codecllm.convert(src, out)
+    ref = codecllm.load(out, device="cuda")
+    mapping = _offload_map(4, range(1, 4))
+    mapping.update({"model.embed_tokens": "cpu", "lm_head": "cpu"})
+    model = codecllm.load(out, device_map=mapping)
+    ids = torch.randint(3, 200, (1, 12), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        for i in (1, 2):
+            assert torch.equal(model.model.layers[i].self_attn.q_proj.weight.dequantize(), ref.model.layers[i].self_attn.q_proj.weight.dequantize())
+        want, got = ref.state_dict(), model.state_dict()
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(got[k].cpu(), want[k].cpu()), k
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert model.hf_device_map["lm_head"] == "cpu"
 
 
 @pytest.mark.gpu

@@ -59,6 +59,7 @@ class StreamSchedule:
         self.order: list[int] | None = []  # the first forward's call order; None once units are built
         self.current: tuple[int, int] | None = None  # (unit or -(layer + 1), slot) the compute stream reads
         self.pending: tuple[int, int] | None = None  # (unit, slot) being prefetched
+        self.device: torch.device | None = None
 
     def finish(self, model: nn.Module, device: torch.device) -> None:
         """After load: pack the compressed payloads into one allocation, set up the workspaces, decode
@@ -81,6 +82,7 @@ class StreamSchedule:
         model.register_forward_hook(eager_only(self.end_forward))
 
     def setup(self, device: torch.device) -> None:
+        self.device = device
         layers = self.layers
         self.workspace_bytes = 2 * max(aligned(l.nbytes) for l in layers)
         self.workspaces = [torch.empty(self.workspace_bytes, dtype=torch.uint8, device=device) for _ in range(SLOTS)]
@@ -127,7 +129,7 @@ class StreamSchedule:
 
     def _join(self) -> None:
         if self.pending is not None:
-            torch.cuda.current_stream().wait_event(self.ready[self.pending[1]])
+            torch.cuda.current_stream(self.device).wait_event(self.ready[self.pending[1]])  # (the model's hooks may run with another device current)
             self.pending = None
 
     def _build_units(self) -> None:
