@@ -171,10 +171,14 @@ def infer(model: nn.Module, held: dict[str, int], policy: str, max_memory: dict,
         mapped = acc.infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split)
     if "disk" in mapped.values() or not mapped:
         total = sum(held.values())
-        room = sum(v for v in memory.values())
-        raise DeviceMapError(f"the model does not fit: it holds {total / 1e9:.2f} GB in this mode, max_memory allows {room / 1e9:.2f} GB "
-                             f"(GPUs and CPU together)")
+        room = sum(v for k, v in memory.items() if k != "disk")
+        raise DeviceMapError(f"the model does not fit: it holds {_size(total)} in this mode, max_memory allows {_size(room)} on the GPUs "
+                             f"and the CPU together{'' if 'cpu' in memory else ' (no CPU share given)'}; disk offload is not supported")
     return {p: _device_name(d) for p, d in mapped.items()}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 class _sized:
