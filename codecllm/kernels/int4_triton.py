@@ -2,12 +2,19 @@
 ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``, ``g = k // GS``, read straight from the packed codes
 (two per byte, the even column in the low nibble) and the per-group fp16 scales and zero points.
 
-One row (a decode step): ``_int4_gemv_kernel``. No tensor cores; each program reduces a
-[BLOCK_N, BLOCK_K] tile per step. A nibble becomes a float without a conversion instruction: OR-ing it
-into the mantissa of 2^23 gives ``2^23 + q`` (``2^23 + 16 q`` for the high nibble, left in place, whose
-activation is pre-divided by 16), and one subtraction leaves ``q`` exactly. Per group, the dot product
-of the codes with the activations is taken first; scale and zero point are applied once per group:
-``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
+One row (a decode step), fp16 activations: ``_int4_gemv_half2_kernel``. No tensor cores. The codes are
+read as int32 words of eight and turned into fp16 pairs by one ``lop3`` each (OR-ed into the mantissa of
+1024.0, then one packed subtraction or fma leaves ``q`` exactly); a word's eight products are summed in
+packed fp16 (inline PTX, ``_HALF2_DOT``) and widened to float32, where everything else is added: each
+word's sum times its group's scale, and per group ``scale * zero * sum_k x_k``. The K loop is
+software-pipelined through shared memory (``tl.range(num_stages=...)``). About 3.2 instructions per
+weight in the loop against the byte kernel's 7.4 (sm_90 SASS of the tuned tiles).
+
+One row otherwise (bf16 or fp32 activations, odd layouts): ``_int4_gemv_kernel``, on bytes. A nibble
+becomes a float32 by OR-ing it into the mantissa of 2^23, giving ``2^23 + q`` (``2^23 + 16 q`` for the
+high nibble, left in place, whose activation is pre-divided by 16), and one subtraction leaves ``q``
+exactly. Per group, the dot product of the codes with the activations is taken first; scale and zero
+point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
 More rows: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
 activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
@@ -19,7 +26,8 @@ K may be split over programs for small M, with the int8 kernels' deterministic r
 scratch buffer, added in split order by the last program of a tile): results never depend on timing. For
 large M, the GEMM is timed against dequantizing into a workspace for cuBLAS, as for int8.
 
-Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic).
+Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic; there the
+packed-fp16 GEMV multiplies in exact float32 instead of the inline PTX, which the interpreter cannot run).
 """
 
 from __future__ import annotations
@@ -105,7 +113,9 @@ def _store_row(row, rn, N, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
 # 16 q, which a packed fma by 1/16 brings back (exactly); the word shifted by 8 gives codes 2, 6 and 3, 7.
 # The activations come in the same pairs (one byte permutation per pair, shared by a thread's rows). The
 # word's eight products are summed in packed fp16 (two lanes of four, each product exact inside its fma)
-# and widened to float32: 1.6 + 0.1 / R instructions per weight against the byte kernel's 7.5.
+# and widened to float32: 16 instructions per eight weights, and one fma by the scale outside. Pairing
+# codes (2j, 2j + 1) instead, as the bytes hold them, needs a byte permutation per pair of codes and
+# measured 9-20% slower.
 _HALF2_DOT = tl.constexpr("""
 {
 .reg .b32 w2, e0, e1, e2, e3, m0, m1, c, k16, o1, o16, p;
