@@ -27,6 +27,9 @@ CASES = [  # M, N, K, group size, dtype, bias, K split
     (1, 6, 320, 32, torch.float32, True, 1), (1, 5, 576, 64, torch.float16, False, 2),
     (3, 20, 192, 64, torch.float16, True, 1), (5, 33, 130, 32, torch.float32, False, 1), (17, 18, 160, 32, torch.float32, True, 1),
     (16, 24, 512, 64, torch.float32, False, 4),
+    # fp16 at one row: the packed-fp16 GEMV, its blocks dividing N and K (no bounds checks) or not, K split;
+    # K not a multiple of 8 falls back to the byte GEMV
+    (1, 12, 512, 64, torch.float16, True, 1), (1, 9, 648, 32, torch.float16, True, 3), (1, 6, 100, 32, torch.float16, True, 1),
 ]
 
 

@@ -2,12 +2,19 @@
 ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``, ``g = k // GS``, read straight from the packed codes
 (two per byte, the even column in the low nibble) and the per-group fp16 scales and zero points.
 
-One row (a decode step): ``_int4_gemv_kernel``. No tensor cores; each program reduces a
-[BLOCK_N, BLOCK_K] tile per step. A nibble becomes a float without a conversion instruction: OR-ing it
-into the mantissa of 2^23 gives ``2^23 + q`` (``2^23 + 16 q`` for the high nibble, left in place, whose
-activation is pre-divided by 16), and one subtraction leaves ``q`` exactly. Per group, the dot product
-of the codes with the activations is taken first; scale and zero point are applied once per group:
-``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
+One row (a decode step), fp16 activations: ``_int4_gemv_half2_kernel``. No tensor cores. The codes are
+read as int32 words of eight and turned into fp16 pairs by one ``lop3`` each (OR-ed into the mantissa of
+1024.0, then one packed subtraction or fma leaves ``q`` exactly); a word's eight products are summed in
+packed fp16 (inline PTX, ``_HALF2_DOT``) and widened to float32, where everything else is added: each
+word's sum times its group's scale, and per group ``scale * zero * sum_k x_k``. The K loop is
+software-pipelined through shared memory (``tl.range(num_stages=...)``). About 3.2 instructions per
+weight in the loop against the byte kernel's 7.4 (sm_90 SASS of the tuned tiles).
+
+One row otherwise (bf16 or fp32 activations, odd layouts): ``_int4_gemv_kernel``, on bytes. A nibble
+becomes a float32 by OR-ing it into the mantissa of 2^23, giving ``2^23 + q`` (``2^23 + 16 q`` for the
+high nibble, left in place, whose activation is pre-divided by 16), and one subtraction leaves ``q``
+exactly. Per group, the dot product of the codes with the activations is taken first; scale and zero
+point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
 More rows: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
 activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
@@ -19,7 +26,8 @@ K may be split over programs for small M, with the int8 kernels' deterministic r
 scratch buffer, added in split order by the last program of a tile): results never depend on timing. For
 large M, the GEMM is timed against dequantizing into a workspace for cuBLAS, as for int8.
 
-Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic).
+Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check its logic; there the
+packed-fp16 GEMV multiplies in exact float32 instead of the inline PTX, which the interpreter cannot run).
 """
 
 from __future__ import annotations
@@ -68,8 +76,15 @@ def _int4_gemv_kernel(
         z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
         dots = tl.sum(tl.reshape(p, (BLOCK_N, GPB, GS // 2)), axis=2)
         acc += s * (dots - z * xsum[None, :])
-    row = tl.sum(acc, axis=1)
+    _finish_row(tl.sum(acc, axis=1), rn, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _finish_row(row, rn, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store a program's rows, or with a K split its partial, the last of a tile's programs adding the
+    partials in split order and storing."""
     if SPLIT_K > 1:
+        pid = tl.program_id(0)
         parts = part_ptr + pid * (SPLIT_K * BLOCK_N)
         tl.store(parts + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), row)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -89,6 +104,134 @@ def _store_row(row, rn, N, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         row += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, row.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+# Two fp16 codes per 32-bit register, as Marlin and FasterTransformer make them: a code OR-ed into the
+# low mantissa bits of 1024.0 (0x6400) reads as 1024 + q, and one packed subtraction leaves q exactly. A
+# word of the codes holds eight (column 8i + t at bits 4t), taken as pairs (t, t + 4) that sit 16 bits
+# apart: masking the word with 0x000F000F gives codes 0 and 4 in place; 0x00F000F0 gives codes 1 and 5 at
+# 16 q, which a packed fma by 1/16 brings back (exactly); the word shifted by 8 gives codes 2, 6 and 3, 7.
+# The activations come in the same pairs (one byte permutation per pair, shared by a thread's rows). The
+# word's eight products are summed in packed fp16 (two lanes of four, each product exact inside its fma)
+# and widened to float32: 16 instructions per eight weights, and one fma by the scale outside. Pairing
+# codes (2j, 2j + 1) instead, as the bytes hold them, needs a byte permutation per pair of codes and
+# measured 9-20% slower.
+_HALF2_DOT = tl.constexpr("""
+{
+.reg .b32 w2, e0, e1, e2, e3, m0, m1, c, k16, o1, o16, p;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m0, 0x000F000F;
+mov.b32 m1, 0x00F000F0;
+mov.b32 c, 0x64006400;
+mov.b32 k16, 0x2C002C00;
+mov.b32 o1, 0x64006400;
+mov.b32 o16, 0xD400D400;
+shr.u32 w2, $1, 8;
+lop3.b32 e0, $1, m0, c, 0xEA;
+lop3.b32 e1, $1, m1, c, 0xEA;
+lop3.b32 e2, w2, m0, c, 0xEA;
+lop3.b32 e3, w2, m1, c, 0xEA;
+sub.rn.f16x2 e0, e0, o1;
+fma.rn.f16x2 e1, e1, k16, o16;
+sub.rn.f16x2 e2, e2, o1;
+fma.rn.f16x2 e3, e3, k16, o16;
+mul.rn.f16x2 p, e0, $2;
+fma.rn.f16x2 p, e1, $3, p;
+fma.rn.f16x2 p, e2, $4, p;
+fma.rn.f16x2 p, e3, $5, p;
+mov.b32 {lo, hi}, p;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")  # 0xEA: (a & b) | c; 0x2C00 = 1/16, 0xD400 = -64 (so 1024 + 16 q -> q)
+_HALF2_PAIRS = tl.constexpr("""
+prmt.b32 $0, $4, $6, 0x5410;
+prmt.b32 $1, $4, $6, 0x7632;
+prmt.b32 $2, $5, $7, 0x5410;
+prmt.b32 $3, $5, $7, 0x7632;
+""")  # (x0, x1), (x2, x3), (x4, x5), (x6, x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7)
+
+
+@triton.jit
+def _half(pair, high: tl.constexpr):
+    """One fp16 of an int32 holding two, as float32."""
+    bits = (pair >> 16) & 0xFFFF if high else pair & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot(w, xa, xb, xc, xd, ASM: tl.constexpr):
+    """``sum_t q_t x_t`` over the eight codes of each int32 ``w`` (code t at bits 4t), as float32, where
+    ``xa``..``xd`` hold the activations (x0, x1), (x2, x3), (x4, x5), (x6, x7) as fp16 pairs. With ``ASM``,
+    packed fp16 arithmetic (``_HALF2_DOT``); without (the interpreter), exact float32 arithmetic."""
+    if ASM:
+        xa, xb, xc, xd = tl.inline_asm_elementwise(_HALF2_PAIRS, "=r,=r,=r,=r,r,r,r,r", [xa, xb, xc, xd],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_HALF2_DOT, "=f,r,r,r,r,r", [w, xa[None, :], xb[None, :], xc[None, :], xd[None, :]],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        dot = ((w & 0xF).to(tl.float32) * _half(xa, False)[None, :] + ((w >> 4) & 0xF).to(tl.float32) * _half(xa, True)[None, :]
+               + ((w >> 8) & 0xF).to(tl.float32) * _half(xb, False)[None, :] + ((w >> 12) & 0xF).to(tl.float32) * _half(xb, True)[None, :])
+        dot += (((w >> 16) & 0xF).to(tl.float32) * _half(xc, False)[None, :] + ((w >> 20) & 0xF).to(tl.float32) * _half(xc, True)[None, :]
+                + ((w >> 24) & 0xF).to(tl.float32) * _half(xd, False)[None, :] + ((w >> 28) & 0xF).to(tl.float32) * _half(xd, True)[None, :])
+        return dot
+
+
+@triton.jit
+def _int4_gemv_half2_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, N, K, G, stride_w,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
+):
+    """One row of fp16 activations (contiguous), ``K`` and ``GS`` multiples of 8: the codes read as int32
+    words (eight codes; ``stride_w`` words a row) and multiplied in packed fp16 (``_word_dot``). Each
+    word's product is scaled on its own (``acc[n, word] += scale * dot``); the zero point is applied per
+    group with the group's sum of activations (``zacc``); both are summed once, at the end. The K loop is
+    software-pipelined ``STAGES`` deep (the loads of the next steps go to shared memory while this one
+    computes); ``EVEN`` (``BLOCK_N`` divides N, ``BLOCK_K`` divides K) drops the bounds checks."""
+    WPG: tl.constexpr = GS // 8  # words per group
+    GPB: tl.constexpr = BLOCK_K // GS  # groups per step
+    WPB: tl.constexpr = BLOCK_K // 8  # words of a row per step
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))  # activation pairs
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    acc = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_N, GPB), dtype=tl.float32)
+    for kb in tl.range(kb0, kb1, num_stages=STAGES):
+        i = kb * WPB + tl.arange(0, WPB)  # words
+        g = kb * GPB + tl.arange(0, GPB)  # groups
+        kx = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # columns
+        if EVEN:
+            w = tl.load(w32 + rn[:, None] * stride_w + i[None, :])
+            xa, xb, xc, xd = tl.load(x32 + 4 * i), tl.load(x32 + 4 * i + 1), tl.load(x32 + 4 * i + 2), tl.load(x32 + 4 * i + 3)
+            s = tl.load(s_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)
+            z = tl.load(z_ptr + rn[:, None] * G + g[None, :]).to(tl.float32)
+            xs = tl.load(x_ptr + kx).to(tl.float32)
+        else:
+            i_ok = i < K // 8
+            w = tl.load(w32 + rn[:, None] * stride_w + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0)
+            xa = tl.load(x32 + 4 * i, mask=i_ok, other=0)
+            xb = tl.load(x32 + 4 * i + 1, mask=i_ok, other=0)
+            xc = tl.load(x32 + 4 * i + 2, mask=i_ok, other=0)
+            xd = tl.load(x32 + 4 * i + 3, mask=i_ok, other=0)
+            gmask = row_ok[:, None] & (g < G)[None, :]
+            s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            xs = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
+        dot = tl.reshape(_word_dot(w, xa, xb, xc, xd, ASM), (BLOCK_N, GPB, WPG))
+        xsum = tl.sum(tl.reshape(xs, (GPB, GS)), axis=1)
+        acc += dot * s[:, :, None]
+        zacc += s * z * xsum[None, :]
+    row = tl.sum(tl.sum(acc, axis=2) - zacc, axis=1)
+    _finish_row(row, rn, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS, BLOCK_N, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -208,6 +351,23 @@ def _gemv_configs() -> list[triton.Config]:
     return cfgs
 
 
+def _half2_configs() -> list[triton.Config]:
+    # measured on an H100 at Llama-3-8B's shapes (benchmarks/NOTES.md): 4 warps, 16-32 rows of 512-2048
+    # columns, the loop 3-4 deep; 8 warps and deeper pipelines were slower everywhere
+    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "STAGES": st}, num_warps=4, num_stages=1)
+            for bn, bk in ((16, 1024), (32, 1024), (16, 2048), (32, 512), (64, 512)) for st in (3, 4)]
+    cfgs += [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 3}, num_warps=4, num_stages=1)
+             for bn, bk in ((16, 1024), (32, 512)) for split in (2, 4)]  # few rows, long K
+    return cfgs
+
+
+def _prune_half2(configs, named_args, **kwargs):
+    """``_prune_gemv``'s choice, each configuration told whether its blocks divide N and K (``EVEN``)."""
+    n, k = named_args["N"], named_args["K"]
+    return [triton.Config({**c.kwargs, "EVEN": n % c.kwargs["BLOCK_N"] == 0 and k % c.kwargs["BLOCK_K"] == 0}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in _prune_gemv(configs, named_args, **kwargs)]
+
+
 def _prune_gemv(configs, named_args, **kwargs):
     n, k, gs = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
     keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0
@@ -241,11 +401,14 @@ def _prune_mm(configs, named_args, **kwargs):
 
 _tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_gemv})(_int4_gemv_kernel)
 _tuned_mm = triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_mm})(_int4_mm_kernel)
+_tuned_half2 = triton.autotune(configs=_half2_configs(), key=["N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_half2})(
+    _int4_gemv_half2_kernel)
 _GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+_HALF2_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "EVEN")
 _MM_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
 # the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
-INTERPRET_GEMV = {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 1}
+INTERPRET_GEMV = {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 1}  # both one-row kernels
 
 
 def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, k: int | None = None) -> tuple[int, int, int]:
@@ -314,7 +477,11 @@ class Int4Matmul:
         if INTERPRET:
             scratch = scratch_for(self.device)
             cfg = INTERPRET_GEMV if gemv else INTERPRET_CONFIG
-            (_int4_gemv_kernel if gemv else _int4_mm_kernel)[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
+            if gemv and self._half2(x2):
+                even = n % cfg["BLOCK_N"] == 0 and self.k % cfg["BLOCK_K"] == 0
+                _int4_gemv_half2_kernel[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg, STAGES=2, EVEN=even)
+            else:
+                (_int4_gemv_kernel if gemv else _int4_mm_kernel)[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
             return
         lkey = (bucket, x2.dtype, x2.stride(), x2.data_ptr() % 16 == 0)
         launch = self.launchers.get(lkey)
@@ -337,10 +504,19 @@ class Int4Matmul:
         tensors = (x2, self.qweight, self.scale, self.zero, b, y, scratch.parts, scratch.counts)
         head = (x2.data_ptr(), *self.tail, y.data_ptr(), *scratch.ptrs) if ptrs else tensors
         m, n, k, g = x2.shape[0], self.n, self.k, self.groups
+        if m == 1 and self._half2(x2):
+            return (*head, n, k, g, k // 8, self.group_size, self.has_bias, not INTERPRET)
         if m == 1:
             return (*head, n, k, g, x2.stride(1), k // 2, self.group_size, self.has_bias)
         return (*head, m, n, k, g, bucket, x2.stride(0), x2.stride(1), k // 2, y.stride(0), y.stride(1), self.group_size, self.has_bias,
                 x2.dtype == torch.float32)
+
+    def _half2(self, x2: torch.Tensor) -> bool:
+        """Whether a one-row call takes the packed-fp16 GEMV: fp16 activations, contiguous and 16-byte
+        aligned (read as pairs), codes 16-byte aligned, K a multiple of 8 (words of eight codes) and the
+        group size one of 8, 16, ..., 512 (a whole number of words that divides every block). Decided by the launcher key's fields, so a key keeps its kernel."""
+        return (x2.dtype == torch.float16 and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0 and self.aligned[0]
+                and self.k % 8 == 0 and 512 % self.group_size == 0 and self.group_size % 8 == 0)
 
     def _first(self, x2, y, lkey, args, tensors, stream) -> None:
         """Tune (or find) the kernel for this layout, computing ``y`` on the way; for large M, time it
@@ -350,7 +526,10 @@ class Int4Matmul:
         key = ("int4", lkey, self.groups, self.group_size, n, self.k, self.scale.dtype, self.bias.dtype if self.has_bias else None,
                self.aligned, self.index)
         t = tensors()
-        if gemv:
+        if gemv and self._half2(x2):
+            kernel, tuned, names, nflags = _int4_gemv_half2_kernel, _tuned_half2, _HALF2_CONSTS, 3
+            flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias, "ASM": True}
+        elif gemv:
             kernel, tuned, names, nflags = _int4_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, 2
             flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias}
         else:
@@ -358,7 +537,7 @@ class Int4Matmul:
             flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias, "IEEE": x2.dtype == torch.float32}
         done = key not in LAUNCHERS  # a first call tunes the kernel, which computes y on the way
         launch = tuned_launcher(kernel, tuned, names, key, list(t[:-nflags]), flags, m, n,
-                                        f"int4 {'gemv' if gemv else 'mm'} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
+                                        f"int4 {('gemv-half2' if kernel is _int4_gemv_half2_kernel else 'gemv') if gemv else 'mm'} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
         run = lambda: launch(launch.grid(m, n), stream, args, tensors)  # noqa: E731
         cublas = lambda: _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)  # noqa: E731
         path = "triton"
