@@ -147,11 +147,25 @@ add.f32 $0, flo, fhi;
 }
 """)  # 0xEA: (a & b) | c; 0x2C00 = 1/16, 0xD400 = -64 (so 1024 + 16 q -> q)
 _HALF2_PAIRS = tl.constexpr("""
+{
+.reg .b32 k;
+mov.b32 k, 0x2C002C00;
 prmt.b32 $0, $4, $6, 0x5410;
 prmt.b32 $1, $4, $6, 0x7632;
 prmt.b32 $2, $5, $7, 0x5410;
 prmt.b32 $3, $5, $7, 0x7632;
-""")  # (x0, x1), (x2, x3), (x4, x5), (x6, x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7)
+mul.rn.f16x2 $0, $0, k;
+mul.rn.f16x2 $1, $1, k;
+mul.rn.f16x2 $2, $2, k;
+mul.rn.f16x2 $3, $3, k;
+}
+""")  # (x0, x1), (x2, x3), (x4, x5), (x6, x7) -> (x0, x4), (x1, x5), (x2, x6), (x3, x7), each / 16
+# The activations enter the packed products divided by 16 (exact but for those under 2^-10, which lose low
+# bits as fp16 subnormals: at most 2^-25 each, 16 * 15 * 2^-25 in a product), and the word's float32 sum
+# is multiplied back: a lane sums four products of codes up to 15, which overflows fp16 for activations
+# above about 1,090 without the division (outlier channels of large models reach that, at down_proj's
+# input), and above about 17,000 with it.
+_X_SCALE = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -228,7 +242,7 @@ def _int4_gemv_half2_kernel(
             xs = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
         dot = tl.reshape(_word_dot(w, xa, xb, xc, xd, ASM), (BLOCK_N, GPB, WPG))
         xsum = tl.sum(tl.reshape(xs, (GPB, GS)), axis=1)
-        acc += dot * s[:, :, None]
+        acc += dot * (s * _X_SCALE if ASM else s)[:, :, None]
         zacc += s * z * xsum[None, :]
     row = tl.sum(tl.sum(acc, axis=2) - zacc, axis=1)
     _finish_row(row, rn, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS, BLOCK_N, SPLIT_K)
