@@ -2,6 +2,8 @@
 (fake GPU sizes, ``codecllm.loader.plan``), the errors, and (marker ``gpu``) loads over one GPU and the CPU
 (offload) and over two GPUs, against the single-GPU load of the same file."""
 
+import gc
+
 import pytest
 import torch
 
@@ -175,6 +177,7 @@ def test_smollm2_offloaded_layers_equal_all_gpu(smollm2_cllm, eval_ids, mode):
         want = ref(ids).logits
         want_gen = ref.generate(ids[:, :32], max_new_tokens=16, do_sample=False)
     del ref
+    gc.collect()  # (a loaded model holds reference cycles: freed by the collector, which could run during the next load)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -289,6 +292,7 @@ def test_two_gpus_equal_one(tmp_path, mode):
         want_pre = ref(ids).logits
         want_gen = ref.generate(ids[:, :8], max_new_tokens=12, do_sample=False)
     del ref, cache
+    gc.collect()
     torch.cuda.empty_cache()
     before = [torch.cuda.memory_allocated(i) for i in range(2)]
     model = codecllm.load(out, device_map={"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.rotary_emb": 0,
