@@ -104,7 +104,9 @@ def _define():
                 load_into(model, self.path, device=self.device, mode=self.quantization_config.mode, dtype=self.dtype)
             else:
                 load_into(model, self.path, device_map=self.device_map, mode=self.quantization_config.mode, dtype=self.dtype)
-            self.compiles = all(getattr(m, "compiles", True) for m in model.modules())  # (stream layers that decode through ctypes do not)
+            # (stream layers that decode through ctypes do not compile; nor does a model over several devices,
+            # whose modules run with their device current and inputs moved: untested under torch.compile)
+            self.compiles = self.device_map is None and all(getattr(m, "compiles", True) for m in model.modules())
             _settle_ties(model)
             return model
 

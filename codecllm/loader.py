@@ -71,6 +71,8 @@ def _device(device: str | torch.device) -> torch.device:
             raise DeviceError("device 'cuda' was asked for, but torch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(dev)!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
         raise DeviceError(f"device {dev.type!r} is not supported (use 'cpu' or 'cuda')")
     return dev
@@ -338,9 +340,10 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
     gpus = placement.gpus
     if not placement.main or gpus == [placement.main] and not placement.units:  # all on one device after all
         dev = _device(placement.main or "cpu")
-        if dev.type == "cpu" and given is None and asked is None:
-            dtype = default_dtype(f, dev)
-            model = empty_model(f.config(), dtype)
+        if dev.type == "cpu":
+            dtype = asked or default_dtype(f, dev)
+            if given is None:
+                model = empty_model(f.config(), dtype)
         _fill(model, f, dev, placement.mode, dtype, gpu_stream_codec)
         model.codecllm_device_map = {"": str(dev)}
         return model
@@ -382,7 +385,8 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
         for prefix, d in placement.map.items():
             if d != "cpu":
                 wrap(model.get_submodule(prefix) if prefix else model, d)
-        wrap(model, placement.main, outputs_back=True)
+    if len({*gpus, placement.main}) > 1 or main != torch.device("cuda", torch.cuda.current_device()):
+        wrap(model, placement.main, outputs_back=True)  # (with the main GPU current, whichever the caller's is)
     model.codecllm_device_map = dict(placement.map)
     model.codecllm_placement = placement
     # (as accelerate reports offload: transformers then leaves generate() uncompiled)

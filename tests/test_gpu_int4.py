@@ -55,6 +55,7 @@ def test_int4_gemv_outlier_activations():
     w = Int4(64).dequantize(parts, torch.float64)
     x = torch.randn(1, k) * 0.5
     x[0, ::97] = 3000.0
+    x[0, 64:72] = 3000.0  # a whole word's activations: four products of 15 * 3000 in each fp16 lane
     x = x.half()
     mm = Int4Matmul(*(parts[p].to(DEV) for p in ("qweight", "scale", "zero")), 64)
     y = mm(x.to(DEV))
