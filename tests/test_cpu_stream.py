@@ -109,11 +109,14 @@ def test_pipeline_learns_the_order_then_decodes_ahead(stream_model, monkeypatch)
     slow = model.lm_head.register_forward_pre_hook(lambda *_: time.sleep(0.2))
     forward(model)
     slow.remove()
-    assert sorted(pipeline.ready) == list(range(CpuPipeline.SLOTS - 1))  # (the head's own buffer was the fourth)
+    # the other buffers (the head's own joins them if it is released before the forward's end stops the
+    # decoder: a matter of timing)
+    carried = len(pipeline.ready)
+    assert carried in (CpuPipeline.SLOTS - 1, CpuPipeline.SLOTS) and sorted(pipeline.ready) == list(range(carried))
     names.clear()
     names.layers.clear()
     assert torch.equal(forward(model), first)
-    assert names.layers[0] is layers[CpuPipeline.SLOTS - 1]  # its first layers were decoded already
+    assert names.layers[0] is layers[carried]  # its first layers were decoded already
 
 
 def test_pipeline_out_of_order_and_alone(stream_model):
