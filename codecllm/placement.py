@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import CodecLLMError, DeviceMapError
+from .errors import CodecLLMError, DeviceMapError, FormatError
 
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 GPU_SHARE = 0.90  # default max_memory: this share of each GPU's free memory (the rest for the KV cache, activations)
@@ -219,14 +219,13 @@ def flatten(model: nn.Module, device_map: dict[str, str]) -> dict[str, str]:
         try:
             model.get_submodule(name) if name else model
         except AttributeError:
-            owner, _, attr = name.rpartition(".")
+            from .loader import _parent
+
             try:
-                module = model.get_submodule(owner) if owner else model
-            except AttributeError:
-                module = None
-            if module is None or not (attr in module._parameters or attr in module._buffers):
+                _parent(model, name)
+            except FormatError:
                 raise DeviceMapError(f"device_map key {prefix!r} names no module or tensor of {type(model).__name__}") from None
-            name = owner
+            name = name.rpartition(".")[0]
         if mods.get(name, dev) != dev:
             raise DeviceMapError(f"device_map puts parts of {name or 'the model'!r} on {mods[name]} and {dev}: map whole modules")
         mods[name] = dev
