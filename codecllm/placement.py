@@ -151,10 +151,6 @@ class Placement:
     def gpus(self) -> list[str]:
         return sorted({d for d in self.map.values() if d != "cpu"}, key=lambda d: int(d.split(":")[1]))
 
-    @property
-    def offloaded(self) -> list[str]:
-        return [p for p, d in self.map.items() if d == "cpu" and self.main]
-
 
 def infer(model: nn.Module, held: dict[str, int], policy: str, max_memory: dict, reserve: int) -> dict[str, str]:
     """accelerate's placement of ``model`` (on the meta device) for ``policy``, over ``held``: bytes per
@@ -246,14 +242,8 @@ def flatten(model: nn.Module, device_map: dict[str, str]) -> dict[str, str]:
                     stack.append(full)
             continue
         out[name] = mods[name]
-    return {k: out[k] for k in sorted(out, key=lambda k: _order(model, k))}
-
-
-def _order(model: nn.Module, name: str) -> int:
-    for i, (n, _) in enumerate(model.named_modules()):
-        if n == name:
-            return i
-    return 0
+    position = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return {k: out[k] for k in sorted(out, key=position.__getitem__)}
 
 
 # -- running --
@@ -268,7 +258,7 @@ def wrap(module: nn.Module, device: str, before=None, outputs_back: bool = False
 
     @functools.wraps(forward)
     def on_device(*args, **kwargs):
-        origin = _first_device((args, kwargs)) if outputs_back else None
+        origin = acc.find_device((args, kwargs)) if outputs_back else None
         with torch.cuda.device(dev):
             if before is not None:
                 before()
@@ -280,19 +270,6 @@ def wrap(module: nn.Module, device: str, before=None, outputs_back: bool = False
         return out
 
     module.forward = on_device
-
-
-def _first_device(tree) -> torch.device | None:
-    if isinstance(tree, torch.Tensor):
-        return tree.device
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        for t in tree:
-            d = _first_device(t)
-            if d is not None:
-                return d
-    return None
 
 
 class Offload:
