@@ -148,22 +148,18 @@ def _settle_ties(model) -> None:
 
 def _devices(device_map) -> tuple[torch.device, str | dict | None]:
     """The device transformers is told about, and the map codecllm places the model with (None: that
-    one device), for a ``device_map`` as ``from_pretrained`` normalizes it."""
-    from .loader import _device
-    from .placement import normalize
+    one device), for a ``device_map`` as ``from_pretrained`` normalizes it (``codecllm.loader``'s rules)."""
+    from .loader import _placement
 
     if device_map is None:
         return torch.device("cpu"), None
-    norm = normalize(device_map)
-    if isinstance(norm, str):  # "auto", "balanced"...: over the GPUs there are, else the CPU
-        if not torch.cuda.is_available():
-            return torch.device("cpu"), None
-        return torch.device("cuda", torch.cuda.current_device()), norm
-    devices = set(norm.values())
-    if len(devices) == 1:
-        return _device(devices.pop()), None
-    gpus = sorted((d for d in devices if d != "cpu"), key=lambda d: int(d.split(":")[1]))
-    return _device(gpus[0] if gpus else "cpu"), norm
+    placed = _placement(None, device_map, None)
+    if isinstance(placed, torch.device):
+        return placed, None
+    if isinstance(placed, str):  # a policy, over the GPUs there are
+        return torch.device("cuda", torch.cuda.current_device()), placed
+    gpus = sorted((torch.device(d) for d in placed.values() if d != "cpu"), key=lambda d: d.index)
+    return (gpus[0] if gpus else torch.device("cpu")), placed
 
 
 CodecLLMConfig = CodecLLMQuantizer = None

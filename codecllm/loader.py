@@ -400,8 +400,10 @@ def _move_constructed(model: nn.Module, placement) -> None:
     for mname, module in model.named_modules():
         for table in (module._parameters, module._buffers):
             for attr, t in list(table.items()):
+                if t is None or t.device.type == "meta":
+                    continue
                 dev = torch.device(placement.execution(f"{mname}.{attr}" if mname else attr))
-                if t is not None and t.device.type != "meta" and t.device != dev:
+                if t.device != dev:
                     moved = t.to(dev)
                     table[attr] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
 

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from .errors import CodecLLMError, DeviceMapError, FormatError
+from .gpu.stream import ALIGN, aligned
+from .loader import _parent
 
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 GPU_SHARE = 0.90  # default max_memory: this share of each GPU's free memory (the rest for the KV cache, activations)
-ALIGN = 256
 
 
 def _accelerate():
@@ -187,8 +188,7 @@ class _sized:
     def __enter__(self):
         made: dict[int, torch.Tensor] = {}
         for name, nbytes in self.held.items():
-            mpath, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(mpath) if mpath else self.model
+            module, attr = _parent(self.model, name)
             table = module._parameters if attr in module._parameters else module._buffers
             old = table[attr]
             new = made.get(id(old))
@@ -215,8 +215,6 @@ def flatten(model: nn.Module, device_map: dict[str, str]) -> dict[str, str]:
         try:
             model.get_submodule(name) if name else model
         except AttributeError:
-            from .loader import _parent
-
             try:
                 _parent(model, name)
             except FormatError:
@@ -308,7 +306,7 @@ class Offload:
         for key in order:
             spans[key][0] = spans[key][0] // ALIGN * ALIGN
             where[key] = pos
-            pos += -(-(spans[key][1] - spans[key][0]) // ALIGN) * ALIGN
+            pos += aligned(spans[key][1] - spans[key][0])
         host = torch.empty(pos, dtype=torch.uint8, pin_memory=True)
         for key in order:
             lo, hi, storage = spans[key]

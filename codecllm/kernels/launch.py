@@ -43,10 +43,12 @@ class Scratch:
     at zero and every call leaves them at zero. Kept per stream: two streams running split matmuls at
     the same time must not share counters."""
 
+    PARTS = MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128)  # float32
+    COUNTS = SPLIT_MAX_N + 1  # int32: one row per tile at the least
+
     def __init__(self, device: torch.device):
-        tiles = SPLIT_MAX_N  # one row per tile at the least
-        self.parts = torch.empty(MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128), dtype=torch.float32, device=device)
-        self.counts = torch.zeros(tiles + 1, dtype=torch.int32, device=device)
+        self.parts = torch.empty(self.PARTS, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(self.COUNTS, dtype=torch.int32, device=device)
         self.ptrs = (self.parts.data_ptr(), self.counts.data_ptr())
 
 
@@ -54,7 +56,7 @@ def scratch_bytes(index: int | None = None) -> int:
     """What ``reserve_scratch`` allocates on a device: on GPU ``index``, from now (none where it made its
     scratch already)."""
     made = SPARE_SCRATCH if index is None else SPARE_SCRATCH - len(SPARE.get(index, ()))
-    return made * (4 * MAX_SPLIT_K * SMALL_M * (SPLIT_MAX_N + 128) + 4 * (SPLIT_MAX_N + 1))
+    return made * 4 * (Scratch.PARTS + Scratch.COUNTS)
 
 
 SCRATCH: dict[tuple, Scratch] = {}
