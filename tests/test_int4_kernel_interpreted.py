@@ -44,7 +44,11 @@ def test_int4_matmul(case, monkeypatch):
     parts, w = parts_and_reference(n, k, gs, m + n + k)
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
+    ran = []
+    half2 = int4_triton._int4_gemv_half2_kernel
+    monkeypatch.setattr(int4_triton, "_int4_gemv_half2_kernel", type("Spy", (), {"__getitem__": lambda _, g: ran.append(g) or half2[g]})())
     y = int4_linear(x.reshape(1, m, k), parts["qweight"], parts["scale"], parts["zero"], gs, b)
+    assert bool(ran) == (m == 1 and dtype == torch.float16 and k % 8 == 0)  # which one-row kernel ran
     assert y.shape == (1, m, n) and y.dtype == dtype
     ref = x.double() @ w.T + (b.double() if bias else 0)
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
