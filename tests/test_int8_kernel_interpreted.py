@@ -34,6 +34,8 @@ MATMUL_CASES = [
     # K split over programs whose partials the last one adds: uneven and empty splits
     (1, 40, 70, torch.float32, True, 2), (7, 50, 300, torch.float16, False, 3), (16, 33, 64, torch.float32, True, 4),
     (1, 50, 300, torch.float16, False, 3), (1, 9, 64, torch.float32, False, 4),
+    # one row whose blocks divide N and K: the loop without bounds checks, whole and split
+    (1, 16, 96, torch.float16, True, 1), (1, 8, 128, torch.float32, False, 2),
     # medium M (batches of 17-64) on 32-row tiles, K split in two: two row tiles, each with its partials
     (40, 45, 300, torch.float16, True, (32, 2)),
 ]
@@ -68,7 +70,7 @@ def test_int8_matmul(case, monkeypatch):
 
 @interpreted
 @pytest.mark.parametrize("split", [1, 3], ids=lambda s: f"split{s}")
-@pytest.mark.parametrize("n,bias", [(14, True), (9, False)], ids=["14-bias", "9-nobias"])
+@pytest.mark.parametrize("n,bias", [(14, True), (9, False), (16, True)], ids=["14-bias", "9-nobias", "16-bias"])
 def test_row_matmul_called_again_and_again(n, bias, split, monkeypatch):
     """A prepared one-row matmul (a decode step's), with and without a K split."""
     monkeypatch.setitem(int8_matmul._INTERPRET_CONFIG, "SPLIT_K", split)

@@ -122,29 +122,34 @@ def _int8_mm_kernel(
 
 
 def _gemv_configs() -> list[triton.Config]:
-    cfgs = []
-    # few rows per program with a long K step (one load round per program, no split), or K split
-    for bn, bk, w, st in ((2, 2048, 4, 1), (4, 1024, 4, 2), (4, 2048, 8, 1), (8, 1024, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3),
-                          (16, 512, 4, 2), (32, 256, 4, 2), (64, 128, 4, 3)):
-        for split in (1, 2, 4, 8):
-            cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=w, num_stages=st))
+    # measured on an H100 at Llama-3-8B's shapes (benchmarks/NOTES.md): 4 warps, 4-32 rows of 256-1024
+    # columns, the K loop pipelined 3-4 deep; K split for the narrow matrices
+    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "STAGES": st}, num_warps=4, num_stages=1)
+            for bn, bk in ((4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)) for st in (3, 4)]
+    cfgs += [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 3}, num_warps=4, num_stages=1)
+             for bn, bk in ((4, 1024), (8, 512), (16, 256)) for split in (2, 4, 8)]
     return cfgs
 
 
 def _prune_gemv(configs, named_args, **kwargs):
+    """Splits only where K holds them, each configuration told whether its blocks divide N and K (``EVEN``)."""
     n, k = named_args["N"], named_args["K"]
     keep = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])]
-    return keep or configs[:1]
+    return [triton.Config({**c.kwargs, "EVEN": n % c.kwargs["BLOCK_N"] == 0 and k % c.kwargs["BLOCK_K"] == 0}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in keep or configs[:1]]
 
 
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, N, K, stride_xk,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """One activation row (M = 1, a decode step) against a contiguous ``[N, K]`` weight: no tensor
     cores, just wide int8 loads and float32 multiply-adds, each program reducing a [BLOCK_N, BLOCK_K]
-    tile per step."""
+    tile per step. The K loop is software-pipelined ``STAGES`` deep (the next steps' loads go to shared
+    memory while this one computes); ``EVEN`` (``BLOCK_N`` divides N, ``BLOCK_K`` divides K) drops the
+    bounds checks."""
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
@@ -153,10 +158,14 @@ def _int8_gemv_kernel(
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for kb in range(kb0, kb1):
+    for kb in tl.range(kb0, kb1, num_stages=STAGES):
         k = kb * BLOCK_K + rk
-        x = tl.load(x_ptr + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0)
+        if EVEN:
+            x = tl.load(x_ptr + k * stride_xk).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * K + k[None, :])
+        else:
+            x = tl.load(x_ptr + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0)
         acc += w.to(tl.float32) * x[None, :]
     row = tl.sum(acc, axis=1)
     if SPLIT_K > 1:
@@ -187,7 +196,7 @@ _tuned = triton.autotune(
     configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}
 )(_int8_mm_kernel)
 _CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
-_GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+_GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "EVEN")
 # the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
 _INTERPRET_GEMV_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
@@ -253,7 +262,8 @@ class Int8Matmul:
         y = torch.empty((*shape[:-1], self.n), dtype=x.dtype, device=self.device)
         xp, sx = x.data_ptr(), x.stride(-1)
         if INTERPRET:
-            c = {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"]}
+            c = {**_INTERPRET_GEMV_BLOCKS, "SPLIT_K": _INTERPRET_CONFIG["SPLIT_K"], "STAGES": 2,
+                 "EVEN": self.n % _INTERPRET_GEMV_BLOCKS["BLOCK_N"] == 0 and self.k % _INTERPRET_GEMV_BLOCKS["BLOCK_K"] == 0}
             _int8_gemv_kernel[launch_grid(c)(1, self.n)](*self._tensors(x, y, scratch_for(self.device)), sx, **self.flags, **c)
             return y
         launch = self.launchers.get((x.dtype, sx, xp % 16 == 0))
