@@ -22,8 +22,8 @@ import torch
 from . import __version__
 from .architecture import empty_model, plan
 from .codecs import DEFAULT_CHUNK_SIZE, default_codec_id, get_codec
-from .dtypes import dtype_name
-from .errors import CodecLLMError, OutputExistsError, SourceError
+from .dtypes import dtype_name, itemsize
+from .errors import CodecLLMError, HeaderTooLargeError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, Document, Entry, Part, Record, build_header, sha256
 from .importance import estimate, trace
 from .output import AtomicOutput
@@ -103,9 +103,20 @@ class Summary:
         }
 
 
+ENTROPY_SAMPLE = 64, 1 << 16  # blocks, bytes each
+
+
 def _entropy_bytes(data: np.ndarray) -> float:
-    counts = torch.bincount(torch.from_numpy(data), minlength=256).to(torch.float64)  # (uint8: no widened copy)
-    p = counts[counts > 0] / max(len(data), 1)
+    """The order-0 entropy bound of the bytes ``data``, in bytes: counted over all of them up to
+    ``ENTROPY_SAMPLE``'s size, over that many evenly spaced blocks beyond (whole rows of weights at every
+    depth of the tensor; within about 1e-4 bits a byte of the full count)."""
+    blocks, size = ENTROPY_SAMPLE
+    t = torch.from_numpy(data)
+    if len(data) > blocks * size:
+        step = (len(data) - size) // (blocks - 1)
+        t = torch.cat([t[i * step:i * step + size] for i in range(blocks)])
+    counts = torch.bincount(t, minlength=256).to(torch.float64)  # (uint8: no widened copy)
+    p = counts[counts > 0] / max(len(t), 1)
     return float(-(p * torch.log2(p)).sum()) * len(data) / 8
 
 
@@ -274,23 +285,36 @@ def convert(
             summary.warnings.append(f"the quantizer weighs every input channel alike: the model could not be traced ({inputs.failure})")
         importance = estimate(inputs, read_stored)
 
+    # what is stored, and how: a tied group is stored once, under its first name
+    stores: dict[str, Scheme] = {}
+    for name in sorted(n for n in ckpt.tensors if n in model_plan.shapes):
+        group = model_plan.tied.get(name, (name,))
+        stored_peer = next((n for n in group if n in stores), None)
+        if stored_peer is not None:
+            aliases[name] = stored_peer
+            continue
+        src = ckpt.tensors[name]
+        meta = torch.empty(src.entry.shape, dtype=src.dtype, device="meta")
+        stores[name] = model_plan.scheme_for(name, meta, scheme, skip, quantize_all, override_schemes) or exact
+    embedded = ckpt.embedded_files()
+    model = {"architectures": list(ckpt.config.get("architectures") or []), "model_type": ckpt.config.get("model_type")}
+    converter = {"codecllm": __version__, "quant": quant, "codec": coding.codec, "chunk_size": chunk_size, **coding.options,
+                 "skip": list(skip), "quantize_all": quantize_all,
+                 **({"overrides": [f"{pat}={spec}" for pat, spec in overrides]} if overrides else {})}
+    reserve = _header_bound(stores, {f: p.stat().st_size for f, p in embedded.items()}, ckpt, plain, coding, aliases, model, converter)
+
     with AtomicOutput(out, force) as output:
-        with output.temp("data") as data_file:
+        with output.temp("data", reserve) as data_file:
             writer = _DataWriter(data_file)
-            for fname, fpath in ckpt.embedded_files().items():
+            for fname, fpath in embedded.items():
                 blob = torch.from_numpy(np.frombuffer(fpath.read_bytes(), dtype=np.uint8).copy())
                 rec, _ = _encode_record(blob, fname, FILE_PREFIX + fname, plain, coding, writer)
                 files[fname] = rec
             if "config.json" not in files:
                 raise SourceError(f"{ckpt.dir}: config.json could not be embedded")
-            for name in sorted(n for n in ckpt.tensors if n in model_plan.shapes):
+            for name, chosen in stores.items():
                 group = model_plan.tied.get(name, (name,))
-                stored_peer = next((n for n in group if n in tensors), None)
-                if stored_peer is not None:
-                    aliases[name] = stored_peer
-                    continue
                 w = ckpt.read(name)
-                chosen = model_plan.scheme_for(name, w, scheme, skip, quantize_all, override_schemes) or exact
                 imp = next((importance[n] for n in group if n in importance), None)
                 rec, ts = _encode_record(w, name, name, chosen, coding, writer, imp)
                 tensors[name] = rec
@@ -312,21 +336,43 @@ def convert(
             tensors=tensors,
             files=files,
             aliases=dict(sorted(aliases.items())),
-            model={
-                "architectures": list(ckpt.config.get("architectures") or []),
-                "model_type": ckpt.config.get("model_type"),
-                "dtype": _model_dtype(tensors),
-            },
-            converter={"codecllm": __version__, "quant": quant, "codec": coding.codec, "chunk_size": chunk_size, **coding.options,
-                       "skip": list(skip), "quantize_all": quantize_all,
-                       **({"overrides": [f"{pat}={spec}" for pat, spec in overrides]} if overrides else {})},
+            model={**model, "dtype": _model_dtype(tensors)},
+            converter=converter,
         )
-        header = build_header(writer.entries, doc)
+        header = build_header(writer.entries, doc, size=reserve)
         output.publish(header, data_file)
     summary.aliases = aliases
     summary.file_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _header_bound(stores: dict[str, Scheme], files: dict[str, int], ckpt: Checkpoint, plain: Scheme, coding: _Coding,
+                  aliases: dict[str, str], model: dict, converter: dict) -> int:
+    """Bytes to leave before the data for the header (a multiple of 8): the header of these records with
+    every number at its largest (each part entropy-coded, every chunk's size at twice the chunk size, byte
+    offsets of 16 digits). Where the real header is larger after all, ``AtomicOutput.publish`` copies the
+    data behind it instead; 0 where even the bound is above the header cap."""
+    far = 10 ** 15
+    codec = max((coding.codec, "raw"), key=len)
+
+    def record(name: str, stored: str, dtype: str, shape: tuple[int, ...], sch: Scheme) -> Record:
+        rec = Record(name, dtype, shape, sch, {})
+        for pname, spec in sch.layout(dtype, shape).items():
+            tname = stored if pname == sch.main_part else f"{stored}#{pname}"
+            chunks = [2 * coding.chunk_size] * max(1, -(-math.prod(spec.shape) * itemsize(spec.dtype) // coding.chunk_size))
+            rec.parts[pname] = Part(pname, spec.dtype, spec.shape, tname, codec, "0" * 64, "0" * 64, coding.chunk_size, chunks)
+            entries[tname] = Entry("U8", (far,), far, far)
+        return rec
+
+    entries: dict[str, Entry] = {}
+    files_ = {f: record(f, FILE_PREFIX + f, "U8", (n,), plain) for f, n in files.items()}
+    tensors = {n: record(n, n, dtype_name(ckpt.tensors[n].dtype), tuple(ckpt.tensors[n].entry.shape), sch) for n, sch in stores.items()}
+    doc = Document(tensors, files_, aliases, {**model, "dtype": "x" * 16}, converter)
+    try:
+        return len(build_header(entries, doc)) + 8 * 1024
+    except HeaderTooLargeError:
+        return 0
 
 
 def _model_dtype(tensors: dict[str, Record]) -> str:

@@ -534,13 +534,17 @@ class CllmFile:
 # --- writing ------------------------------------------------------------------------------------------
 
 
-def build_header(entries: dict[str, Entry], doc: Document) -> bytes:
-    """The 8-byte length and the JSON header, padded with spaces so the data buffer starts 8-aligned."""
+def build_header(entries: dict[str, Entry], doc: Document, size: int | None = None) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces so the data buffer starts 8-aligned; with
+    ``size`` (a multiple of 8), padded to exactly ``size`` bytes in all where it fits in that many (for a
+    writer that put the data buffer there before the header was known)."""
     obj: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(doc.to_json(), separators=(",", ":"), ensure_ascii=False)}}
     for name, e in entries.items():
         obj[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if size is not None and 8 + len(raw) <= size:
+        raw += b" " * (size - 8 - len(raw))
     if len(raw) > HEADER_CAP:
         raise HeaderTooLargeError(f"header of {len(raw)} bytes is above the cap of {HEADER_CAP}; use a larger --chunk-size")
     return struct.pack("<Q", len(raw)) + raw

@@ -135,10 +135,13 @@ class _SignalsToInterrupted:
 class _TempFile:
     """A temporary file open for writing; an ``OSError`` becomes an ``OutputError`` naming the output."""
 
-    def __init__(self, path: str, fd: int, out: Path):
+    def __init__(self, path: str, fd: int, out: Path, reserve: int = 0):
         self.path = path
         self.out = out
+        self.reserve = reserve  # bytes left free at the start, for a header written last
         self._f = os.fdopen(fd, "wb")
+        if reserve:
+            self._f.seek(reserve)
 
     def write(self, data) -> int:
         try:
@@ -203,8 +206,8 @@ class AtomicOutput:
         finally:
             self._signals.restore()
 
-    def temp(self, suffix: str) -> _TempFile:
-        """A new temporary file next to the output, locked, open for writing."""
+    def temp(self, suffix: str, reserve: int = 0) -> _TempFile:
+        """A new temporary file next to the output, locked, open for writing from byte ``reserve`` on."""
         for _ in range(100):
             path = str(self.out.parent / temp_name(self.out, suffix))
             self._locks[path] = -1  # known before it exists: an interrupt from here on still removes it
@@ -222,7 +225,7 @@ class AtomicOutput:
                     fcntl.flock(self._locks[path], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:  # a file system without locks: the PID in the name still protects it
                     pass
-                return _TempFile(path, fd, self.out)
+                return _TempFile(path, fd, self.out, reserve)
             except BaseException as e:
                 os.close(fd)
                 self._discard(path)
@@ -232,19 +235,43 @@ class AtomicOutput:
         raise OutputError(f"cannot write {self.out}: no free temporary file name in {self.out.parent}")
 
     def publish(self, header: bytes, data: _TempFile) -> None:
-        """Write ``header`` followed by the bytes of ``data`` and move the result into place."""
+        """Put ``header`` before the bytes written to ``data`` and move the result into place: into the
+        space ``data`` left free at its start where ``header`` fills it exactly, else (a header larger than
+        that space) into a new file with a copy of the data after it."""
+        if data.reserve and len(header) == data.reserve:
+            self._finish(data.path, header)
+            return
         with self.temp("tmp") as final:
             try:
-                os.fchmod(final._f.fileno(), 0o666 & ~_umask())
                 final.write(header)
                 with open(data.path, "rb") as src:
+                    src.seek(data.reserve)
                     shutil.copyfileobj(src, final, COPY_BUFFER)
             except OSError as e:
                 raise _output_error(self.out, e) from e
-            final.sync()
+        self._finish(final.path, b"")
+
+    def _finish(self, path: str, start: bytes) -> None:
+        """Write ``start`` at the beginning of the temporary file ``path``, sync it, make it readable as a
+        new file would be and move it into place."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                done = 0
+                while done < len(start):
+                    n = os.pwrite(fd, memoryview(start)[done:], done)
+                    if n <= 0:
+                        raise OSError(0, "nothing written")
+                    done += n
+                os.fchmod(fd, 0o666 & ~_umask())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _output_error(self.out, e) from e
         self._signals.hold()  # from here on the output is complete: a signal waits until the end
-        self._move(final.path)
-        self._discard(final.path)
+        self._move(path)
+        self._discard(path)
 
     def _move(self, tmp: str) -> None:
         out = self.out

@@ -152,6 +152,33 @@ def test_existing_output_is_never_touched_without_force(tiny_llama, tmp_path):
     assert stat.S_IMODE(os.stat(out).st_mode) & 0o044  # readable like any other file, not mkstemp's 0600
 
 
+def test_header_is_written_into_the_space_left_before_the_data(tiny_llama, tmp_path, monkeypatch):
+    """The converter leaves room for the header before the data and pads the header to fill it exactly;
+    where the header turns out larger than that room, the data is copied behind it instead: the same
+    document and tensors either way."""
+    import struct
+
+    from codecllm import converter
+
+    bounds = []
+    real = converter._header_bound
+    monkeypatch.setattr(converter, "_header_bound", lambda *a: bounds.append(real(*a)) or bounds[-1])
+    codecllm.convert(tiny_llama, tmp_path / "a.cllm", quant="int8")
+    raw = (tmp_path / "a.cllm").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert 8 + n == bounds[0] and n % 8 == 0 and raw[8 + n - 1:8 + n] == b" "
+    monkeypatch.setattr(converter, "_header_bound", lambda *a: 16)  # far too small
+    codecllm.convert(tiny_llama, tmp_path / "b.cllm", quant="int8")
+    m = struct.unpack("<Q", (tmp_path / "b.cllm").read_bytes()[:8])[0]
+    assert m < n and (tmp_path / "b.cllm").stat().st_size == len(raw) - (n - m)
+    with CllmFile(tmp_path / "a.cllm") as a, CllmFile(tmp_path / "b.cllm") as b:
+        assert a.doc.to_json() == b.doc.to_json()
+        for name, rec in a.doc.tensors.items():
+            for pname, part in rec.parts.items():
+                assert torch.equal(a.read_part(rec, part), b.read_part(b.doc.tensors[name], b.doc.tensors[name].parts[pname])), (name, pname)
+    assert sorted(os.listdir(tmp_path)) == ["a.cllm", "b.cllm", "tiny-llama"]
+
+
 def test_failed_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "out" / "m.cllm"
     out.parent.mkdir()

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import codecllm
+from codecllm import converter as converter_mod
 from codecllm import output as output_mod
 from codecllm.cli import convert_cmd, dump_cmd
 from codecllm.errors import InputError, Interrupted, NotCllmError, OutputError, SourceError, TruncatedFileError
@@ -109,8 +110,8 @@ def simulate_full_disk(monkeypatch, space: int) -> None:
     left = [space]
     real_init = output_mod._TempFile.__init__
 
-    def init(self, path, fd, out):
-        real_init(self, path, fd, out)
+    def init(self, path, fd, out, *rest):
+        real_init(self, path, fd, out, *rest)
         self._f = _FullDisk(self._f, left)
 
     monkeypatch.setattr(output_mod._TempFile, "__init__", init)
@@ -118,7 +119,7 @@ def simulate_full_disk(monkeypatch, space: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_size(tmp_path_factory) -> int:
-    """Bytes of the tiny model's ``.cllm`` (both temporary files together need twice that)."""
+    """Bytes of the tiny model's ``.cllm``."""
     from conftest import llama_config, save_tiny
 
     d = tmp_path_factory.mktemp("size")
@@ -153,7 +154,9 @@ def test_pseudo_file_systems(runner, tiny_llama, out):
 @pytest.mark.parametrize("phase, fraction", [("data", 0.25), ("final", 1.5)], ids=["while-encoding", "while-publishing"])
 @pytest.mark.parametrize("how", ["mounted", "simulated"])
 def test_full_disk(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how, phase, fraction):
-    space = int(tiny_size * fraction)  # "final": the data file fits, the finished copy beside it does not
+    space = int(tiny_size * fraction)
+    if phase == "final":  # a header larger than the space left for it: the data file fits, the copy beside it does not
+        monkeypatch.setattr(converter_mod, "_header_bound", lambda *a: 0)
     if how == "mounted":
         ctx = tmpfs(tmp_path / "small", f"size={space}")
     else:
@@ -164,6 +167,26 @@ def test_full_disk(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how, ph
         r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(d / "m.cllm")])
         assert one_line_error(r) == f"error: cannot write {d / 'm.cllm'}: No space left on device"
         assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("how", ["mounted", "simulated"])
+def test_conversion_needs_no_second_copy_of_the_file(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how):
+    """The data goes where the finished file has it and the header into the space left before it: the
+    disk needs room for the output once (plus its header's padding), not twice."""
+    space = int(tiny_size * 1.25)
+    if how == "mounted":
+        ctx = tmpfs(tmp_path / "small", f"size={space}")
+    else:
+        (tmp_path / "small").mkdir()
+        ctx = contextlib.nullcontext(tmp_path / "small")
+        simulate_full_disk(monkeypatch, space)
+    monkeypatch.setattr(output_mod.shutil, "copyfileobj", None)  # no copy is made
+    with ctx as d:
+        r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(d / "m.cllm")])
+        assert r.exit_code == 0, r.output
+        assert os.listdir(d) == ["m.cllm"]
+        with CllmFile(d / "m.cllm") as f:
+            assert f.doc.tensors
 
 
 def test_write_errors_are_codecllm_errors(tiny_llama, tmp_path, monkeypatch):
@@ -275,11 +298,11 @@ if phase == "encoding":
         return read(self, name)
     source.Checkpoint.read = slow_read
 elif phase == "publishing":
-    copy = output.shutil.copyfileobj
-    def slow_copy(*a, **kw):
+    finish = output.AtomicOutput._finish
+    def slow_finish(*a, **kw):
         pause()
-        return copy(*a, **kw)
-    output.shutil.copyfileobj = slow_copy
+        return finish(*a, **kw)
+    output.AtomicOutput._finish = slow_finish
 elif phase == "published":
     move = output.AtomicOutput._move
     def signalled_move(self, tmp):
@@ -321,7 +344,7 @@ def test_signal_leaves_no_temporary_file(tiny_llama, tmp_path, sig, phase):
     d.mkdir()
     p = start_conversion(phase, tiny_llama, d / "m.cllm")
     wait_ready(p)
-    assert len(temps(d)) == (1 if phase == "encoding" else 2)  # the signal does come while they exist
+    assert len(temps(d)) == 1  # the signal does come while it exists (publishing: before its header is written)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert os.listdir(d) == []
