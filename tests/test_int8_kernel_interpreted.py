@@ -90,9 +90,10 @@ def test_row_matmul_called_again_and_again(n, bias, split, monkeypatch):
 
 @interpreted
 def test_sibling_fusion_matches_layer_by_layer(tiny_llama, tmp_path):
-    """q/k/v and gate/up are found from the calls themselves and run as one launch per group for a
-    one-token input (also a decode step after a prompt), with the result of the same file loaded without
-    fusion, where every layer computes on its own."""
+    """q/k/v and gate/up are found from the calls themselves and run as one launch per group for inputs
+    of up to 64 rows (a one-token input, a prompt and the decode step after it, a batch), with the result
+    of the same file loaded without fusion, where every layer computes on its own; longer inputs run
+    layer by layer."""
     from codecllm.gpu.fusion import SiblingFusion
 
     codecllm.convert(tiny_llama, tmp_path / "m.cllm")
@@ -120,13 +121,24 @@ def test_sibling_fusion_matches_layer_by_layer(tiny_llama, tmp_path):
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, **close)  # now one launch per group
         assert len(launches) == len(groups) and alone == [] and not fusion.kept  # each output computed ahead was taken
 
-        # generation: the prompt (several tokens) runs layer by layer, the next step (one token, on the cache) fused
+        # generation: the prompt (three tokens) and the next step (one token, on the cache) fused
         launches.clear()
         kw = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
         fused, unfused = model.generate(prompt, **kw), plain.generate(prompt, **kw)
-        assert len(launches) == len(groups) and not fusion.kept
+        assert len(launches) == 2 * len(groups) and alone == [] and not fusion.kept
         assert torch.equal(fused.sequences, unfused.sequences)
+        torch.testing.assert_close(fused.logits[0], unfused.logits[0], **close)
         torch.testing.assert_close(fused.logits[1], unfused.logits[1], **close)
+
+        # a batch of 4 one-token rows: fused; 65 rows: layer by layer
+        launches.clear()
+        batch = torch.tensor([[5], [9], [2], [7]])
+        torch.testing.assert_close(model(batch).logits, plain(batch).logits, **close)
+        assert len(launches) == len(groups) and alone == [] and not fusion.kept
+        launches.clear()
+        long = torch.arange(1, 66).reshape(1, 65) % 100
+        torch.testing.assert_close(model(long).logits, plain(long).logits, **close)
+        assert launches == [] and len(alone) == 5 * len(model.model.layers) and not fusion.kept
 
 
 def test_fusion_joins_weights_without_copying_when_back_to_back():

@@ -15,9 +15,11 @@ small parts, which the other layers' views keep alive: a group's small parts are
 bytes per output row; int4 at group size 64: 1/16 byte per weight, about 7% over its codes on the
 grouped layers). Otherwise the run is left unfused.
 
-From then on, for one-token inputs the first layer of a group computes the whole group in one launch and
-keeps the other outputs for their layers, which return them when called with that same unmodified input;
-a layer called with anything else computes its own output as usual, so results never depend on the guess.
+From then on, for inputs of up to ``MAX_ROWS`` rows (decode steps, batched or not, and short prompts) the
+first layer of a group computes the whole group in one launch and keeps the other outputs (views of the
+group's output) for their layers, which return them when called with that same unmodified input; a layer
+called with anything else computes its own output as usual, so results never depend on the guess. Longer
+inputs (prefill) run layer by layer: their matmuls are long enough that a launch is not worth saving.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from ..qmodules import QuantizedWeight
 
 MAX_GROUP = 3
+MAX_ROWS = 64  # rows of input up to which a group runs as one launch (eagerly)
 
 
 class _Group:
@@ -61,7 +64,7 @@ class FusableLinear:
     layer shares. The class provides ``op(x, src)`` (its custom operator on the tensors of ``src``, the
     layer itself or its group's matmul), ``plain(x)`` (the layer alone, eagerly), ``can_fuse`` and
     ``join``. Under ``torch.compile`` the graph sees the operator (a group's first layer calls it once
-    for the group at one token: ``_Group.traced``); eager calls go through the fusion runner, once one is
+    for the group on up to ``MAX_ROWS`` rows: ``_Group.traced``); eager calls go through the fusion runner, once one is
     installed, or ``plain``. A float weight assigned after load computes as a plain Linear."""
 
     fusable = True
@@ -72,7 +75,7 @@ class FusableLinear:
         if torch.compiler.is_compiling():
             if type(self._parameters["weight"]) is not QuantizedWeight:
                 return super().forward(x)
-            if self.group is not None and x.numel() == self.in_features:
+            if self.group is not None and x.numel() <= MAX_ROWS * self.in_features:
                 return self.group.traced(self, x, self.op)
             return self.op(x, self)
         if self.runner is not None:
@@ -102,7 +105,7 @@ class SiblingFusion:
         if kept is not None and kept[0] is x and kept[1] == x._version:
             return kept[2]
         group = self.groups.get(id(layer))
-        if group is None or x.numel() != x.shape[-1]:
+        if group is None or x.numel() > MAX_ROWS * x.shape[-1]:
             return layer.plain(x)
         outs = group.matmul(x).split(group.sizes, dim=-1)
         version = x._version

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, LAUNCHERS, SCRATCH, SPLIT_MAX_N, Launcher, cublas_linear, launch_grid, scratch_at, scratch_for, tuned_launcher
+from .launch import INTERPRET, LAUNCHERS, SCRATCH, SPLIT_MAX_N, Launcher, cdiv, cublas_linear, launch_grid, scratch_at, scratch_for, tuned_launcher
 
 CODES = 15  # exponents a code stands for; code 15 escapes
 ESCAPE = 15
@@ -204,7 +204,7 @@ def decode_into(t: dict, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
     dtype: the bfloat16 weights, rounded to it)."""
     k = t["sm"].shape[1]
     bn, bk = (4, 32) if INTERPRET else (DECODE_BLOCK_N, DECODE_BLOCK_K)
-    grid = (triton.cdiv(n1 - n0, bn), triton.cdiv(k // 2, bk))
+    grid = (cdiv(n1 - n0, bn), cdiv(k // 2, bk))
     _decode_kernel[grid](*(t[n] for n in TENSORS), out, n0, n1 - n0, k, t["base"], BLOCK_N=bn, BLOCK_K=bk, ESC_BLOCK=_ESC_BLOCK,
                          num_warps=DECODE_WARPS)
     return out

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, choose_path, cublas_linear, launch_grid,
+from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, cdiv, choose_path, cublas_linear, launch_grid,
                      scratch_at, scratch_for, split_fits, tuned_launcher)
 
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as float32
@@ -445,7 +445,7 @@ def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_
 def dequantize_into(qweight, scale, zero, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """``out[:] = W`` for packed ``[N, K / 2]`` codes (``out`` contiguous ``[N, K]``)."""
     n, k, g = check(qweight, scale, zero, group_size)
-    _int4_dequant_kernel[(triton.cdiv(n, 8), triton.cdiv(k, 1024))](qweight, scale, zero, out, n, k, g, GS=group_size,
+    _int4_dequant_kernel[(cdiv(n, 8), cdiv(k, 1024))](qweight, scale, zero, out, n, k, g, GS=group_size,
                                                                   BLOCK_N=8, BLOCK_K=1024, num_warps=4)
     return out
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, Launcher, bucket_of, choose_path, cublas_linear,
+from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, Launcher, bucket_of, cdiv, choose_path, cublas_linear,
                      launch_grid, scratch_at, scratch_for, split_fits, tuned_launcher)
 
 
@@ -218,7 +218,7 @@ def _dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: t
 def dequantize_into(qweight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[:] = qweight * scale[:, None]`` for a contiguous ``[N, K]`` int8 ``qweight``."""
     n, k = qweight.shape
-    _dequant_kernel[(triton.cdiv(n, 8), triton.cdiv(k, 1024))](qweight, scale, out, n, k, BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    _dequant_kernel[(cdiv(n, 8), cdiv(k, 1024))](qweight, scale, out, n, k, BLOCK_N=8, BLOCK_K=1024, num_warps=4)
     return out
 
 
@@ -277,24 +277,28 @@ class Int8Matmul:
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.n, self.k
-        x2 = x.reshape(-1, k)
-        m = x2.shape[0]
-        if INTERPRET or m == 0:
+        if INTERPRET or x.numel() == 0:
             return int8_linear(x, self.qweight, self.scale, self.bias)
-        xs, bucket = x2.stride(), bucket_of(m)
+        if x.is_contiguous():  # the rows as they are (a reshape costs host time that a batch's call feels)
+            x2, m, xs = x, x.numel() // k, (k, 1)
+        else:
+            x2 = x.reshape(-1, k)
+            m, xs = x2.shape[0], x2.stride()
+        bucket = bucket_of(m)
         path = self.mms.get((bucket, x.dtype, xs, x2.data_ptr() % 16 == 0))
         if path is None:
-            return self._first_rows(x, x2, m)
-        y = torch.empty((m, n), dtype=x.dtype, device=self.device)
+            return self._first_rows(x, x2.reshape(m, k), m)
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=self.device)
         if path == "cublas":
-            _cublas_linear(x2, self.qweight, self.scale, self.bias, y)
-            return y.reshape(*x.shape[:-1], n)
+            _cublas_linear(x2.reshape(m, k), self.qweight, self.scale, self.bias, y.view(m, n))
+            return y
         stream = torch._C._cuda_getCurrentRawStream(self.index)
         scratch = SCRATCH.get((self.index, stream)) or scratch_at(self.index, stream, self.device)
         ints = (m, n, k, bucket, xs[0], xs[1], k, 1, n, 1, self.has_bias, x.dtype == torch.float32)
         path(path.grid(m, n), stream, (x2.data_ptr(), *self.tail, y.data_ptr(), *scratch.ptrs, *ints),
-             lambda: (x2, self.qweight, self.scale, self.bias if self.has_bias else self.scale, y, scratch.parts, scratch.counts, *ints))
-        return y.reshape(*x.shape[:-1], n)
+             lambda: (x2.reshape(m, k), self.qweight, self.scale, self.bias if self.has_bias else self.scale, y.view(m, n), scratch.parts,
+                      scratch.counts, *ints))
+        return y
 
     def _first_rows(self, x: torch.Tensor, x2: torch.Tensor, m: int) -> torch.Tensor:
         """Tune (or find) this layout's kernel, and for large M choose between it and cuBLAS: computes

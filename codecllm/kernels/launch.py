@@ -29,8 +29,14 @@ def split_fits(c: triton.Config, m_bucket: int, n: int, k: int) -> bool:
     kw = c.kwargs
     if kw["SPLIT_K"] == 1:
         return True
-    rows = triton.cdiv(m_bucket, kw["BLOCK_M"]) * kw["BLOCK_M"]
+    rows = cdiv(m_bucket, kw["BLOCK_M"]) * kw["BLOCK_M"]
     return n <= SPLIT_MAX_N and k >= kw["SPLIT_K"] * kw["BLOCK_K"] and rows * kw["SPLIT_K"] <= MAX_SPLIT_K * SMALL_M
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function there: a microsecond or more
+    a call, on a path whose whole budget is a few microseconds)."""
+    return -(-a // b)
 
 
 def bucket_of(m: int) -> int:
@@ -110,11 +116,13 @@ class Launcher:
         self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
         self.num_warps, self.num_stages = config.num_warps, config.num_stages
         self.split = config.kwargs["SPLIT_K"]
-        self.row_grid = triton.cdiv(n, config.kwargs["BLOCK_N"])  # programs per K split at M = 1
+        self.bm, self.bn = config.kwargs.get("BLOCK_M", 1), config.kwargs["BLOCK_N"]
+        self.row_grid = cdiv(n, self.bn)  # programs per K split at M = 1
         self.direct = True
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (*launch_grid(self.meta_kwargs)(m, n), 1)
+        """``launch_grid``'s, computed here: this is on every eager call's path."""
+        return (-(-m // self.bm) * -(-n // self.bn), self.split, 1)
 
     def __call__(self, grid: tuple[int, int, int], stream: int, args: tuple, tensors) -> None:
         """Launch with ``args`` (pointers as integers); ``tensors()`` gives the same arguments with
@@ -137,7 +145,7 @@ def tuned_configs() -> list[str]:
 def launch_grid(meta: dict):
     """The launch grid of a configuration, as a function of M and N: (output tiles, K splits)."""
     bm = meta.get("BLOCK_M", 1)
-    return lambda m, n: (triton.cdiv(m, bm) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    return lambda m, n: (cdiv(m, bm) * cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
 
 def tuned_launcher(kernel, tuned, names: tuple[str, ...], key: tuple, args: list, flags: dict, m: int, n: int, label: str) -> "Launcher":
