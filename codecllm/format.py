@@ -543,7 +543,7 @@ def build_header(entries: dict[str, Entry], doc: Document, size: int | None = No
         obj[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    if size is not None and 8 + len(raw) <= size:
+    if size is not None and 8 + len(raw) <= size <= 8 + HEADER_CAP:
         raw += b" " * (size - 8 - len(raw))
     if len(raw) > HEADER_CAP:
         raise HeaderTooLargeError(f"header of {len(raw)} bytes is above the cap of {HEADER_CAP}; use a larger --chunk-size")

@@ -149,13 +149,6 @@ class _TempFile:
         except OSError as e:
             raise _output_error(self.out, e) from e
 
-    def sync(self) -> None:
-        try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        except OSError as e:
-            raise _output_error(self.out, e) from e
-
     def close(self) -> None:
         try:
             self._f.close()
@@ -236,8 +229,8 @@ class AtomicOutput:
 
     def publish(self, header: bytes, data: _TempFile) -> None:
         """Put ``header`` before the bytes written to ``data`` and move the result into place: into the
-        space ``data`` left free at its start where ``header`` fills it exactly, else (a header larger than
-        that space) into a new file with a copy of the data after it."""
+        space ``data`` left free at its start where ``header`` fills it exactly, else (a header of another
+        size) into a new file with a copy of the data after it."""
         if data.reserve and len(header) == data.reserve:
             self._finish(data.path, header)
             return
@@ -252,21 +245,19 @@ class AtomicOutput:
         self._finish(final.path, b"")
 
     def _finish(self, path: str, start: bytes) -> None:
-        """Write ``start`` at the beginning of the temporary file ``path``, sync it, make it readable as a
-        new file would be and move it into place."""
+        """Write ``start`` at the beginning of the temporary file ``path`` (closed, its data written),
+        sync it, make it readable as a new file would be and move it into place. Writes through the
+        descriptor this object holds for the file's lock, a copy of the one it was created with."""
+        fd = self._locks[path]
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                done = 0
-                while done < len(start):
-                    n = os.pwrite(fd, memoryview(start)[done:], done)
-                    if n <= 0:
-                        raise OSError(0, "nothing written")
-                    done += n
-                os.fchmod(fd, 0o666 & ~_umask())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            done = 0
+            while done < len(start):
+                n = os.pwrite(fd, memoryview(start)[done:], done)
+                if n <= 0:
+                    raise OSError(0, "nothing written")
+                done += n
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.fsync(fd)
         except OSError as e:
             raise _output_error(self.out, e) from e
         self._signals.hold()  # from here on the output is complete: a signal waits until the end

@@ -285,8 +285,9 @@ def mutate_bytes(data: bytes, rng: random.Random, region: str | None = None) -> 
     if not b:
         return rng.randbytes(rng.choice([1, 8, 9])), "bytes into an empty file"
     n = struct.unpack("<Q", data[:8])[0] if len(b) >= 8 else 0
+    json_end = 8 + len(data[8:8 + n].rstrip(b" "))  # the header's JSON, without the padding after it
     region = region or rng.choice(["header", "header", "data", "any"])
-    lo, hi = {"header": (8, 8 + n), "data": (8 + n, len(b)), "any": (0, len(b))}[region]
+    lo, hi = {"header": (8, json_end), "data": (8 + n, len(b)), "any": (0, len(b))}[region]
     lo, hi = min(lo, len(b)), min(hi, len(b))
     if hi <= lo:
         lo, hi = 0, len(b)

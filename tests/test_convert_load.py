@@ -179,6 +179,50 @@ def test_header_is_written_into_the_space_left_before_the_data(tiny_llama, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["a.cllm", "b.cllm", "tiny-llama"]
 
 
+def test_header_near_the_cap_is_not_padded_past_it(tiny_llama, tmp_path, monkeypatch):
+    """Where the header's bound plus its slack would pass the cap, no space is left before the data: the
+    header is written as it is (copied in front of the data), and the conversion succeeds as it did
+    before headers were padded."""
+    import struct
+
+    from codecllm import converter, format
+
+    bounds = []
+    real = converter._header_bound
+    monkeypatch.setattr(converter, "_header_bound", lambda *a: bounds.append(real(*a)) or bounds[-1])
+    codecllm.convert(tiny_llama, tmp_path / "a.cllm", quant="int8")
+    with CllmFile(tmp_path / "a.cllm") as f:
+        need = len(format.build_header(f.entries, f.doc)) - 8  # the compact header
+    cap = bounds[0] - 8 * 1024 - 8 + 64  # the bound itself fits under it; with its slack, it would not
+    assert need <= cap
+    for mod in (converter, format):
+        monkeypatch.setattr(mod, "HEADER_CAP", cap)
+    codecllm.convert(tiny_llama, tmp_path / "b.cllm", quant="int8")
+    assert bounds[1] == 0
+    n = struct.unpack("<Q", (tmp_path / "b.cllm").read_bytes()[:8])[0]
+    assert n == need
+    assert sorted(os.listdir(tmp_path)) == ["a.cllm", "b.cllm", "tiny-llama"]
+
+
+def test_entropy_bound_of_a_large_part_from_its_sample():
+    """Parts above 4 MiB: the order-0 entropy estimated from 64 blocks of 64 KiB is within 1e-3 of the
+    full count; smaller parts are counted whole."""
+    import numpy as np
+
+    from codecllm.converter import _entropy_bytes
+
+    def full(d):
+        c = np.bincount(d, minlength=256).astype(np.float64)
+        p = c[c > 0] / len(d)
+        return float(-(p * np.log2(p)).sum()) * len(d) / 8
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    assert _entropy_bytes(small) == pytest.approx(full(small), rel=1e-12)
+    big = (rng.standard_normal(12 << 20) * 6).astype(np.int64).clip(-128, 127).astype(np.uint8)  # a skewed distribution
+    assert _entropy_bytes(big) == pytest.approx(full(big), rel=1e-3)
+
+
 def test_failed_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "out" / "m.cllm"
     out.parent.mkdir()

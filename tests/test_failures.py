@@ -189,6 +189,18 @@ def test_conversion_needs_no_second_copy_of_the_file(runner, tiny_llama, tmp_pat
             assert f.doc.tensors
 
 
+def test_failure_writing_the_header_into_its_space_leaves_nothing(runner, tiny_llama, tmp_path, monkeypatch):
+    """The header goes last, into the space left before the data: a failure there is the same one-line
+    error, and the data file goes away."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(output_mod.os, "pwrite", full)
+    r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(tmp_path / "m.cllm")])
+    assert one_line_error(r) == f"error: cannot write {tmp_path / 'm.cllm'}: No space left on device"
+    assert temps(tmp_path) == [] and not (tmp_path / "m.cllm").exists()
+
+
 def test_write_errors_are_codecllm_errors(tiny_llama, tmp_path, monkeypatch):
     simulate_full_disk(monkeypatch, 1000)
     with pytest.raises(OutputError, match="No space left on device") as e:

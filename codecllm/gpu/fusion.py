@@ -32,7 +32,7 @@ from torch import nn
 from ..qmodules import QuantizedWeight
 
 MAX_GROUP = 3
-MAX_ROWS = 64  # rows of input up to which a group runs as one launch (eagerly)
+MAX_ROWS = 64  # rows of input up to which a group runs as one launch
 
 
 class _Group:

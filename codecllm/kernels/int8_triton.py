@@ -136,7 +136,7 @@ def _prune_gemv(configs, named_args, **kwargs):
     n, k = named_args["N"], named_args["K"]
     keep = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (n <= SPLIT_MAX_N and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])]
     return [triton.Config({**c.kwargs, "EVEN": n % c.kwargs["BLOCK_N"] == 0 and k % c.kwargs["BLOCK_K"] == 0}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in keep or configs[:1]]
+                          num_stages=c.num_stages) for c in keep]
 
 
 @triton.jit

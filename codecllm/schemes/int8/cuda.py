@@ -57,7 +57,7 @@ class Int8CudaLinear(FusableLinear, Int8Linear):
     @staticmethod
     def join(run: list["Int8CudaLinear"]) -> Int8Matmul | None:
         """Give the layers of ``run`` one weight, scale and bias tensor each (theirs become views) and
-        return the group's one-row matmul, or None where their weights cannot form one matrix."""
+        return the group's matmul, or None where their weights cannot form one matrix."""
         ws = [m.qweight for m in run]
         rows, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
         storage = ws[0].untyped_storage().data_ptr()
