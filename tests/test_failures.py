@@ -117,6 +117,16 @@ def simulate_full_disk(monkeypatch, space: int) -> None:
     monkeypatch.setattr(output_mod._TempFile, "__init__", init)
 
 
+def small_folder(tmp_path: Path, monkeypatch, how: str, space: int):
+    """A folder with room for ``space`` bytes: a tmpfs of that size (``mounted``), or writes through
+    ``AtomicOutput``'s files failing past it (``simulated``)."""
+    if how == "mounted":
+        return tmpfs(tmp_path / "small", f"size={space}")
+    (tmp_path / "small").mkdir()
+    simulate_full_disk(monkeypatch, space)
+    return contextlib.nullcontext(tmp_path / "small")
+
+
 @pytest.fixture(scope="module")
 def tiny_size(tmp_path_factory) -> int:
     """Bytes of the tiny model's ``.cllm``."""
@@ -157,13 +167,7 @@ def test_full_disk(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how, ph
     space = int(tiny_size * fraction)
     if phase == "final":  # a header larger than the space left for it: the data file fits, the copy beside it does not
         monkeypatch.setattr(converter_mod, "_header_bound", lambda *a: 0)
-    if how == "mounted":
-        ctx = tmpfs(tmp_path / "small", f"size={space}")
-    else:
-        (tmp_path / "small").mkdir()
-        ctx = contextlib.nullcontext(tmp_path / "small")
-        simulate_full_disk(monkeypatch, space)
-    with ctx as d:
+    with small_folder(tmp_path, monkeypatch, how, space) as d:
         r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(d / "m.cllm")])
         assert one_line_error(r) == f"error: cannot write {d / 'm.cllm'}: No space left on device"
         assert os.listdir(d) == []
@@ -173,15 +177,8 @@ def test_full_disk(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how, ph
 def test_conversion_needs_no_second_copy_of_the_file(runner, tiny_llama, tmp_path, monkeypatch, tiny_size, how):
     """The data goes where the finished file has it and the header into the space left before it: the
     disk needs room for the output once (plus its header's padding), not twice."""
-    space = int(tiny_size * 1.25)
-    if how == "mounted":
-        ctx = tmpfs(tmp_path / "small", f"size={space}")
-    else:
-        (tmp_path / "small").mkdir()
-        ctx = contextlib.nullcontext(tmp_path / "small")
-        simulate_full_disk(monkeypatch, space)
     monkeypatch.setattr(output_mod.shutil, "copyfileobj", None)  # no copy is made
-    with ctx as d:
+    with small_folder(tmp_path, monkeypatch, how, int(tiny_size * 1.25)) as d:
         r = runner.invoke(convert_cmd, [str(tiny_llama), "-o", str(d / "m.cllm")])
         assert r.exit_code == 0, r.output
         assert os.listdir(d) == ["m.cllm"]
