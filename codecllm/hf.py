@@ -150,6 +150,7 @@ def _devices(device_map) -> tuple[torch.device, str | dict | None]:
     """The device transformers is told about, and the map codecllm places the model with (None: that
     one device), for a ``device_map`` as ``from_pretrained`` normalizes it (``codecllm.loader``'s rules)."""
     from .loader import _placement
+    from .placement import gpus_of
 
     if device_map is None:
         return torch.device("cpu"), None
@@ -158,8 +159,8 @@ def _devices(device_map) -> tuple[torch.device, str | dict | None]:
         return placed, None
     if isinstance(placed, str):  # a policy, over the GPUs there are
         return torch.device("cuda", torch.cuda.current_device()), placed
-    gpus = sorted((torch.device(d) for d in placed.values() if d != "cpu"), key=lambda d: d.index)
-    return (gpus[0] if gpus else torch.device("cpu")), placed
+    gpus = gpus_of(placed.values())
+    return torch.device(gpus[0] if gpus else "cpu"), placed
 
 
 CodecLLMConfig = CodecLLMQuantizer = None

@@ -187,7 +187,7 @@ def _placement(device, device_map, max_memory) -> torch.device | str | dict[str,
     devices = set(norm.values())
     for d in devices - {"cpu"}:
         _device(d)  # (a clear error for a GPU that is not there)
-    if len(devices) == 1 or devices == {"cpu"}:
+    if len(devices) == 1:
         return _device(devices.pop())
     return norm
 
@@ -255,13 +255,14 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
     from .gpu.backend import stream_keys
     from .gpu.stream import aligned
     from .kernels.launch import scratch_bytes
-    from .placement import Placement, flatten, infer, max_memory_of
+    from .placement import Placement, flatten, gpu_index, gpus_of, infer, max_memory_of
 
     doc = f.doc
     keys = stream_keys(gpu_stream_codec)
     names_of, order, targets = _targets(model, doc)
-    if mode != "resident":
-        mode = _choose(f.path, torch.device("cuda"), mode, _footprint(doc, targets, "cuda", keys, dtype))
+    footprint = _footprint(doc, targets, "cuda", keys, dtype) if mode != "resident" else {}
+    if mode != "resident":  # (its notice: where the load goes, once that is known)
+        mode = _choose(f.path, torch.device("cuda"), mode, footprint, warn=False)
     streamed = _streamed(doc, targets, keys) if mode == "stream" else set()
     held = _held(doc, targets, "cuda", keys, dtype, streamed)
     main = None
@@ -272,8 +273,8 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
         gpu_keys = sorted(k for k, v in memory.items() if isinstance(k, int) and v > 0)
         main = f"cuda:{gpu_keys[0]}" if gpu_keys else None  # (where offloaded modules compute, even with none placed on a GPU)
     device_map = flatten(model, device_map)
-    gpus = sorted({d for d in device_map.values() if d != "cpu"}, key=lambda d: int(d.split(":")[1]))
-    placement = Placement(device_map, gpus[0] if gpus else main, mode=mode)
+    gpus = gpus_of(device_map.values())
+    placement = Placement(device_map, gpus[0] if gpus else main, mode=mode, footprint=footprint)
     for rec in order:
         devices = {placement.device_of(n) for n in names_of[rec.name]}
         if len(devices) > 1:
@@ -289,9 +290,9 @@ def _plan(model: nn.Module, f: CllmFile, device_map: str | dict[str, str], max_m
             nbytes = sum(aligned(resident[n][0]) for n in records)
             placement.predicted["cpu"] = placement.predicted.get("cpu", 0) + nbytes
             placement.staging = max(placement.staging, nbytes)
-    for d in sorted({*gpus, *([placement.main] if placement.units else [])}, key=lambda d: int(d.split(":")[1])):
+    for d in gpus_of([*gpus, *([placement.main] if placement.units else [])]):
         mine = {n: v for n, v in held.items() if placement.where[n] == d}
-        placement.predicted[d] = (sum(n for n, _ in mine.values()) + _shared(mine, doc, dtype) + scratch_bytes(int(d.split(":")[1]))
+        placement.predicted[d] = (sum(n for n, _ in mine.values()) + _shared(mine, doc, dtype) + scratch_bytes(gpu_index(d))
                                   + (placement.staging if d == placement.main else 0))
     return placement, names_of, order
 
@@ -330,7 +331,7 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
     own; each module mapped to "cpu" built on the main GPU, then moved to pinned host memory."""
     from .gpu import fusion
     from .gpu.backend import CudaBackend
-    from .placement import Offload, wrap
+    from .placement import Offload, gpu_index, gpus_of, wrap
 
     asked, given = dtype, model
     dtype = dtype or default_dtype(f, torch.device("cuda"))
@@ -344,14 +345,16 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
             dtype = asked or default_dtype(f, dev)
             if given is None:
                 model = empty_model(f.config(), dtype)
-        _fill(model, f, dev, placement.mode, dtype, gpu_stream_codec)
+        _fill(model, f, dev, mode, dtype, gpu_stream_codec)  # (the mode chosen, and its notice given, for that device)
         model.codecllm_device_map = {"": str(dev)}
         return model
+    if mode == "stream":
+        _choose(f.path, torch.device(placement.main), mode, placement.footprint)  # the notice where stream does not pay
     model.codecllm_mode = placement.mode
     where, streamed = placement.where, placement.streamed
     _move_constructed(model, placement)
     backends = {}
-    for d in sorted({*gpus, placement.main}, key=lambda d: int(d.split(":")[1])):
+    for d in gpus_of([*gpus, placement.main]):
         dev = torch.device(d)
         backend = backends[d] = CudaBackend(f, dev, gpu_stream_codec)
         with torch.cuda.device(dev):
@@ -381,16 +384,17 @@ def _fill_mapped(model: nn.Module | None, f: CllmFile, device_map: str | dict[st
         offload.flush = fuser.flush
     with torch.cuda.device(main):
         offload.bind()
-    if len({*gpus, placement.main}) > 1:
+    several = len({*gpus, placement.main}) > 1
+    if several:
         for prefix, d in placement.map.items():
             if d != "cpu":
                 wrap(model.get_submodule(prefix) if prefix else model, d)
-    if len({*gpus, placement.main}) > 1 or main != torch.device("cuda", torch.cuda.current_device()):
+    if several or main != torch.device("cuda", torch.cuda.current_device()):
         wrap(model, placement.main, outputs_back=True)  # (with the main GPU current, whichever the caller's is)
     model.codecllm_device_map = dict(placement.map)
     model.codecllm_placement = placement
     # (as accelerate reports offload: transformers then leaves generate() uncompiled)
-    model.hf_device_map = {p: "cpu" if d == "cpu" else int(d.split(":")[1]) for p, d in placement.map.items()}
+    model.hf_device_map = {p: "cpu" if d == "cpu" else gpu_index(d) for p, d in placement.map.items()}
     return model
 
 
@@ -511,12 +515,12 @@ def _stand_in(rec: Record, module: nn.Module, keys: tuple[str, ...]) -> type | N
     return None
 
 
-def _choose(path: str, dev: torch.device, mode: str, plan: dict[str, dict]) -> str:
-    """The mode to load in: ``auto``'s choice, or ``stream`` with a notice where it does not pay."""
+def _choose(path: str, dev: torch.device, mode: str, plan: dict[str, dict], warn: bool = True) -> str:
+    """The mode to load in: ``auto``'s choice, or ``stream`` with a notice (``warn``) where it does not pay."""
     res, st = plan["resident"]["bytes"], plan["stream"]["bytes"]
     if mode == "auto":
         return "stream" if st < res and plan["stream"]["speed"] >= 1 - AUTO_MAX_SLOWDOWN else "resident"
-    if st > res * (1 - STREAM_MIN_SAVING):
+    if warn and st > res * (1 - STREAM_MIN_SAVING):
         than = f"{(st / max(res, 1) - 1) * 100:.1f}% more than" if st > res else f"only {(1 - st / res) * 100:.1f}% less than"
         warnings.warn(f"{path}: stream mode holds {st / 1e6:.1f} MB on {dev.type}, {than} resident mode's {res / 1e6:.1f} MB, "
                       f"at about {plan['stream']['speed']:.2f}x its speed (mode='auto' chooses)", stacklevel=4)

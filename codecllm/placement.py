@@ -96,11 +96,21 @@ def entry_of(device_map: dict[str, str], name: str) -> str | None:
     return best
 
 
+def gpu_index(name: str) -> int:
+    """N of a device name "cuda:N"."""
+    return int(name.split(":")[1])
+
+
+def gpus_of(names) -> list[str]:
+    """The GPUs among device names ("cuda:N" or "cpu"), each once, by index."""
+    return sorted({d for d in names if d != "cpu"}, key=gpu_index)
+
+
 def _memory_key(key):
     if isinstance(key, int) or key in ("cpu", "disk"):
         return key
     name = _device_name(key)
-    return "cpu" if name == "cpu" else int(name.split(":")[1])
+    return "cpu" if name == "cpu" else gpu_index(name)
 
 
 def max_memory_of(max_memory: dict | None) -> dict:
@@ -136,6 +146,7 @@ class Placement:
     streamed: set[str] = field(default_factory=set)  # stored tensors kept compressed (stream mode)
     staging: int = 0  # bytes of the main GPU's staging buffer for offloaded modules
     units: list = field(default_factory=list)  # offloaded (map keys, stored tensors), each staged as one
+    footprint: dict = field(default_factory=dict)  # what each mode would hold on a GPU (the loader's estimate)
 
     def device_of(self, name: str) -> str:
         entry = entry_of(self.map, name)
@@ -150,7 +161,7 @@ class Placement:
 
     @property
     def gpus(self) -> list[str]:
-        return sorted({d for d in self.map.values() if d != "cpu"}, key=lambda d: int(d.split(":")[1]))
+        return gpus_of(self.map.values())
 
 
 def infer(model: nn.Module, held: dict[str, int], policy: str, max_memory: dict, reserve: int) -> dict[str, str]:

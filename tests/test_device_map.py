@@ -122,6 +122,22 @@ def test_plan_stream_mode_counts_stream_bytes(tmp_path):
     assert plan(out, "balanced", max_memory=mem, mode="stream").streamed
 
 
+def test_a_map_on_one_device_chooses_the_mode_for_it_once(llama4):
+    """A policy whose memory leaves the whole model on one device (here the CPU: no GPU in max_memory)
+    loads there with the mode chosen for that device, and says where stream mode does not pay once."""
+    import warnings
+
+    from codecllm import loader
+    from codecllm.format import CllmFile
+
+    with CllmFile(llama4) as f, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = loader._fill_mapped(None, f, "auto", {"cpu": 10**10}, "stream", None, None)
+    notices = [str(w.message) for w in caught if "stream mode holds" in str(w.message)]
+    assert len(notices) == 1 and " on cpu," in notices[0], notices
+    assert model.codecllm_device_map == {"": "cpu"}
+
+
 def test_device_map_errors(llama4):
     with pytest.raises(DeviceMapError, match="'disk' is not supported"):
         codecllm.load(llama4, device_map={"": "disk"})
