@@ -16,7 +16,13 @@ high nibble, left in place, whose activation is pre-divided by 16), and one subt
 exactly. Per group, the dot product of the codes with the activations is taken first; scale and zero
 point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
-More rows: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
+2-16 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
+several groups (256 columns), each weight made in registers in the activation dtype (``q * scale - zero
+* scale``, rounded once, as the dequantize-then-cuBLAS path rounds it) before the product. Steps of one
+group, as below, left too few bytes in flight: 0.56-0.66x of fp16 at 16 rows on Llama-3-8B's shapes,
+against 0.85-1.24x this way (H100, benchmarks/NOTES.md).
+
+More rows, or float32: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
 activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
 even columns against the low nibbles, the odd ones against the high. One group per K step (``BLOCK_K``
 divides the group size), so scale and zero point apply to the step's product on the accumulator:
@@ -295,9 +301,78 @@ def _int4_mm_kernel(
             part = tl.dot(xo, wo, part)
         xsum = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)
         acc += part * s[None, :] - xsum[:, None] * (s * z)[None, :]
+    _finish_tile(acc, rm, rn, M, N, b_ptr, y_ptr, part_ptr, count_ptr, stride_ym, stride_yn, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _int4_mm_deq_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, G, M_BUCKET, stride_xm, stride_xk, stride_wn, stride_ym, stride_yn,
+    GS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Up to 64 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
+    ``GS``), each weight made in registers in the activation dtype as ``q * scale + c``, ``c = -zero *
+    scale`` (float32, rounded once to the dtype; fp16 weights by one fma from exact codes, bf16 ones in
+    float32), then one tensor-core product per half step. The loop is software-pipelined ``STAGES`` deep."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    GPB: tl.constexpr = BLOCK_K // GS  # groups per step
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // grid_n
+    pid_n = pid % grid_n
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb0 = tl.program_id(1) * per_split
+    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF)
+    half_k = K // 2
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(kb0, kb1, num_stages=STAGES):
+        j = kb * HALF + rj
+        j_ok = j < half_k
+        b = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0)
+        xmask = m_ok[:, None] & j_ok[None, :]
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j)[None, :] * stride_xk, mask=xmask, other=0.0)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j + 1)[None, :] * stride_xk, mask=xmask, other=0.0)
+        g = kb * GPB + tl.arange(0, GPB)
+        gmask = n_ok[:, None] & (g < G)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        lo, hi = _codes(b, tl.float16 if dt == tl.float16 else tl.float32)
+        lo = _scaled(lo, s, z, dt, BLOCK_N, GPB, GS)
+        hi = _scaled(hi, s, z, dt, BLOCK_N, GPB, GS)
+        acc = tl.dot(xe, tl.trans(lo), acc)
+        acc = tl.dot(xo, tl.trans(hi), acc)
+    _finish_tile(acc, rm, rn, M, N, b_ptr, y_ptr, part_ptr, count_ptr, stride_ym, stride_yn, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _scaled(codes, s, z, dt: tl.constexpr, BLOCK_N: tl.constexpr, GPB: tl.constexpr, GS: tl.constexpr):
+    """``[BLOCK_N, GPB * GS / 2]`` codes (one nibble of each byte; fp16 for fp16 activations, else float32)
+    times their group's scale, plus ``-zero * scale``, in ``dt``."""
+    c = -(z * s)
+    q = tl.reshape(codes, (BLOCK_N, GPB, GS // 2))
+    if dt == tl.float16:  # exact codes, fp16 scale: one fma, one rounding of the sum
+        w = q * s.to(dt)[:, :, None] + c.to(dt)[:, :, None]
+    else:
+        w = (q * s[:, :, None] + c[:, :, None]).to(dt)
+    return tl.reshape(w, (BLOCK_N, GPB * (GS // 2)))
+
+
+@triton.jit
+def _finish_tile(acc, rm, rn, M, N, b_ptr, y_ptr, part_ptr, count_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store a GEMM program's tile, or with a K split its partial, the last of a tile's programs adding the
+    partials in split order and storing."""
     if SPLIT_K == 1:
         _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
     else:
+        pid = tl.program_id(0)
         tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         parts = part_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_N)
         tl.store(parts + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile, acc)
@@ -400,6 +475,20 @@ def _mm_configs() -> list[triton.Config]:
     return cfgs
 
 
+def _deq_configs() -> list[triton.Config]:
+    # measured on an H100 at Llama-3-8B's shapes at 16 rows (benchmarks/NOTES.md): 128 columns of 256
+    # (8 warps) or 128 (4 warps), 2-3 deep; K split for the narrow matrices
+    return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": st}, num_warps=w, num_stages=1)
+            for bn, bk, w, st in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 4, 3), (64, 256, 4, 3))
+            for split in (1, 2, 4)]
+
+
+def _prune_deq(configs, named_args, **kwargs):
+    n, k, gs = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0]
+    return [c for c in keep if split_fits(c, named_args["M_BUCKET"], n, k)] or [c for c in keep if c.kwargs["SPLIT_K"] == 1]
+
+
 def _prune_mm(configs, named_args, **kwargs):
     m, n, k, gs = named_args["M"], named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
     ok = [c for c in configs if gs % c.kwargs["BLOCK_K"] == 0]
@@ -417,12 +506,17 @@ _tuned_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "GS"], pru
 _tuned_mm = triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_mm})(_int4_mm_kernel)
 _tuned_half2 = triton.autotune(configs=_half2_configs(), key=["N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_half2})(
     _int4_gemv_half2_kernel)
+_tuned_deq = triton.autotune(configs=_deq_configs(), key=["M_BUCKET", "N", "K", "GS"], prune_configs_by={"early_config_prune": _prune_deq})(
+    _int4_mm_deq_kernel)
 _GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
+_DEQ_DTYPES = (torch.float16, torch.bfloat16)
+_DEQ_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES")
 _HALF2_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "EVEN")
 _MM_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
 # the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
 INTERPRET_GEMV = {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 1}  # both one-row kernels
+INTERPRET_DEQ = {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 1, "STAGES": 2}  # steps of two groups
 
 
 def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, k: int | None = None) -> tuple[int, int, int]:
@@ -469,6 +563,7 @@ class Int4Matmul:
         self.qweight, self.scale, self.zero, self.bias, self.group_size = qweight, scale, zero, bias, group_size
         self.device, self.index = qweight.device, qweight.device.index
         self.has_bias = bias is not None
+        self.deq_groups = group_size in (8, 16, 32, 64, 128, 256)
         b = bias if bias is not None else scale  # not read without a bias; any valid pointer
         self.tail = (qweight.data_ptr(), scale.data_ptr(), zero.data_ptr(), b.data_ptr())
         self.aligned = tuple(p % 16 == 0 for p in self.tail)
@@ -494,6 +589,9 @@ class Int4Matmul:
             if gemv and self._half2(x2):
                 even = n % cfg["BLOCK_N"] == 0 and self.k % cfg["BLOCK_K"] == 0
                 _int4_gemv_half2_kernel[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg, STAGES=2, EVEN=even)
+            elif self._deq(x2):
+                cfg = {**INTERPRET_DEQ, "BLOCK_K": 2 * self.group_size}
+                _int4_mm_deq_kernel[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
             else:
                 (_int4_gemv_kernel if gemv else _int4_mm_kernel)[launch_grid(cfg)(m, n)](*self._args(x2, y, scratch, bucket, False), **cfg)
             return
@@ -522,8 +620,8 @@ class Int4Matmul:
             return (*head, n, k, g, k // 8, self.group_size, self.has_bias, not INTERPRET)
         if m == 1:
             return (*head, n, k, g, x2.stride(1), k // 2, self.group_size, self.has_bias)
-        return (*head, m, n, k, g, bucket, x2.stride(0), x2.stride(1), k // 2, y.stride(0), y.stride(1), self.group_size, self.has_bias,
-                x2.dtype == torch.float32)
+        mm = (*head, m, n, k, g, bucket, x2.stride(0), x2.stride(1), k // 2, y.stride(0), y.stride(1), self.group_size, self.has_bias)
+        return mm if self._deq(x2) else (*mm, x2.dtype == torch.float32)
 
     def _half2(self, x2: torch.Tensor) -> bool:
         """Whether a one-row call takes the packed-fp16 GEMV: fp16 activations, contiguous and 16-byte
@@ -531,6 +629,13 @@ class Int4Matmul:
         group size one of 8, 16, ..., 512 (a whole number of words that divides every block). Decided by the launcher key's fields, so a key keeps its kernel."""
         return (x2.dtype == torch.float16 and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0 and self.aligned[0]
                 and self.k % 8 == 0 and 512 % self.group_size == 0 and self.group_size % 8 == 0)
+
+    def _deq(self, x2: torch.Tensor) -> bool:
+        """Whether a call of several rows takes the GEMM that dequantizes in registers (``_int4_mm_deq_kernel``):
+        2 to ``SMALL_M`` rows of fp16 or bf16 activations and a group size (a power of two from 8 to 256)
+        that a 256-column step holds whole. (At 64 rows it ran at 0.21-0.27x of fp16 on an H100, against
+        0.85-1.24x at 16, so larger batches keep the exact-code GEMM.) Decided by the launcher key's fields."""
+        return 1 < x2.shape[0] <= SMALL_M and self.deq_groups and x2.dtype in _DEQ_DTYPES
 
     def _first(self, x2, y, lkey, args, tensors, stream) -> None:
         """Tune (or find) the kernel for this layout, computing ``y`` on the way; for large M, time it
@@ -546,12 +651,15 @@ class Int4Matmul:
         elif gemv:
             kernel, tuned, names, nflags = _int4_gemv_kernel, _tuned_gemv, _GEMV_CONSTS, 2
             flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias}
+        elif self._deq(x2):
+            kernel, tuned, names, nflags = _int4_mm_deq_kernel, _tuned_deq, _DEQ_CONSTS, 2
+            flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias}
         else:
             kernel, tuned, names, nflags = _int4_mm_kernel, _tuned_mm, _MM_CONSTS, 3
             flags = {"GS": self.group_size, "HAS_BIAS": self.has_bias, "IEEE": x2.dtype == torch.float32}
         done = key not in LAUNCHERS  # a first call tunes the kernel, which computes y on the way
         launch = tuned_launcher(kernel, tuned, names, key, list(t[:-nflags]), flags, m, n,
-                                        f"int4 {('gemv-half2' if kernel is _int4_gemv_half2_kernel else 'gemv') if gemv else 'mm'} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
+                                        f"int4 {('gemv-half2' if kernel is _int4_gemv_half2_kernel else 'gemv') if gemv else ('mm-deq' if kernel is _int4_mm_deq_kernel else 'mm')} M<={lkey[0]} N={n} K={self.k} GS={self.group_size} {x2.dtype}")
         run = lambda: launch(launch.grid(m, n), stream, args, tensors)  # noqa: E731
         cublas = lambda: _cublas_linear(x2, self.qweight, self.scale, self.zero, self.group_size, self.bias, y)  # noqa: E731
         path = "triton"
