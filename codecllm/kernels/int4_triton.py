@@ -16,11 +16,13 @@ high nibble, left in place, whose activation is pre-divided by 16), and one subt
 exactly. Per group, the dot product of the codes with the activations is taken first; scale and zero
 point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
-2-16 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
-several groups (256 columns), each weight made in registers in the activation dtype (``q * scale - zero
-* scale``, rounded once, as the dequantize-then-cuBLAS path rounds it) before the product. Steps of one
-group, as below, left too few bytes in flight: 0.56-0.66x of fp16 at 16 rows on Llama-3-8B's shapes,
-against 0.85-1.24x this way (H100, benchmarks/NOTES.md).
+2-64 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
+several groups (up to 256 columns), each weight made in registers in the activation dtype (``q * scale -
+zero * scale``, rounded once, as the dequantize-then-cuBLAS path rounds it) before the product; the
+activations are read as whole rows of the step and split into even and odd columns in registers. On
+Llama-3-8B's shapes (H100, benchmarks/NOTES.md) this runs at 1.31-2.00x of fp16 at 16 rows and 0.49-1.07x
+at 64, where the exact-code GEMM below (steps of one group, activations read at stride 2) ran at 0.56-1.03x
+and 0.10-0.24x.
 
 More rows, or float32: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
 activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
@@ -311,7 +313,7 @@ def _int4_mm_deq_kernel(
     GS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Up to 64 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
+    """2-64 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
     ``GS``), each weight made in registers in the activation dtype as ``q * scale + c``, ``c = -zero *
     scale`` (float32, rounded once to the dtype; fp16 weights by one fma from exact codes, bf16 ones in
     float32), then one tensor-core product per half step. The loop is software-pipelined ``STAGES`` deep."""
@@ -336,9 +338,9 @@ def _int4_mm_deq_kernel(
         j = kb * HALF + rj
         j_ok = j < half_k
         b = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0)
-        xmask = m_ok[:, None] & j_ok[None, :]
-        xe = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j)[None, :] * stride_xk, mask=xmask, other=0.0)
-        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * j + 1)[None, :] * stride_xk, mask=xmask, other=0.0)
+        kx = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # the step's columns, read whole and split into even and odd
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kx[None, :] * stride_xk, mask=m_ok[:, None] & (kx < K)[None, :], other=0.0)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
         g = kb * GPB + tl.arange(0, GPB)
         gmask = n_ok[:, None] & (g < G)[None, :]
         s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)
@@ -478,14 +480,15 @@ def _mm_configs() -> list[triton.Config]:
 def _deq_configs() -> list[triton.Config]:
     # measured on an H100 at Llama-3-8B's shapes at 16 rows (benchmarks/NOTES.md): 128 columns of 256
     # (8 warps) or 128 (4 warps), 2-3 deep; K split for the narrow matrices
-    return [triton.Config({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": st}, num_warps=w, num_stages=1)
-            for bn, bk, w, st in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 4, 3), (64, 256, 4, 3))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": st}, num_warps=w, num_stages=1)
+            for bm in (SMALL_M, 64) for bn, bk, w, st in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 4, 3), (64, 256, 4, 3))
             for split in (1, 2, 4)]
 
 
 def _prune_deq(configs, named_args, **kwargs):
     n, k, gs = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
-    keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0]
+    bm = SMALL_M if named_args["M_BUCKET"] <= SMALL_M else 64
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0 and c.kwargs["BLOCK_M"] == bm]
     return [c for c in keep if split_fits(c, named_args["M_BUCKET"], n, k)] or [c for c in keep if c.kwargs["SPLIT_K"] == 1]
 
 
@@ -632,10 +635,9 @@ class Int4Matmul:
 
     def _deq(self, x2: torch.Tensor) -> bool:
         """Whether a call of several rows takes the GEMM that dequantizes in registers (``_int4_mm_deq_kernel``):
-        2 to ``SMALL_M`` rows of fp16 or bf16 activations and a group size (a power of two from 8 to 256)
-        that a 256-column step holds whole. (At 64 rows it ran at 0.21-0.27x of fp16 on an H100, against
-        0.85-1.24x at 16, so larger batches keep the exact-code GEMM.) Decided by the launcher key's fields."""
-        return 1 < x2.shape[0] <= SMALL_M and self.deq_groups and x2.dtype in _DEQ_DTYPES
+        2 to ``LARGE_M - 1`` rows of fp16 or bf16 activations and a group size (a power of two from 8 to
+        256) that a 256-column step holds whole. Decided by the launcher key's fields."""
+        return 1 < x2.shape[0] < LARGE_M and self.deq_groups and x2.dtype in _DEQ_DTYPES
 
     def _first(self, x2, y, lkey, args, tensors, stream) -> None:
         """Tune (or find) the kernel for this layout, computing ``y`` on the way; for large M, time it
