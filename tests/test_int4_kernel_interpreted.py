@@ -46,6 +46,7 @@ def test_int4_matmul(case, monkeypatch):
     m, n, k, gs, dtype, bias, split = case
     monkeypatch.setitem(int4_triton.INTERPRET_GEMV, "SPLIT_K", split)
     monkeypatch.setitem(int4_triton.INTERPRET_CONFIG, "SPLIT_K", split)
+    monkeypatch.setitem(int4_triton.INTERPRET_DEQ, "SPLIT_K", split)
     parts, w = parts_and_reference(n, k, gs, m + n + k)
     x = torch.randn(m, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None

@@ -17,8 +17,10 @@ exactly. Per group, the dot product of the codes with the activations is taken f
 point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
 2-64 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
-several groups (up to 256 columns), each weight made in registers in the activation dtype (``q * scale -
-zero * scale``, rounded once, as the dequantize-then-cuBLAS path rounds it) before the product; the
+several groups (up to 256 columns), each weight made in registers in the activation dtype before the
+product (bf16: ``q * scale - zero * scale`` in float32, rounded once, as the dequantize-then-cuBLAS path
+rounds it; fp16: one fma of the exact code and the scale with ``-zero * scale`` rounded to fp16 first, an
+error of at most ``|zero * scale| * 2^-12`` more, under 0.4% of a quantization step); the
 activations are read as whole rows of the step and split into even and odd columns in registers. On
 Llama-3-8B's shapes (H100, benchmarks/NOTES.md) this runs at 1.31-2.00x of fp16 at 16 rows and 0.49-1.07x
 at 64, where the exact-code GEMM below (steps of one group, activations read at stride 2) ran at 0.56-1.03x
@@ -315,8 +317,8 @@ def _int4_mm_deq_kernel(
 ):
     """2-64 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
     ``GS``), each weight made in registers in the activation dtype as ``q * scale + c``, ``c = -zero *
-    scale`` (float32, rounded once to the dtype; fp16 weights by one fma from exact codes, bf16 ones in
-    float32), then one tensor-core product per half step. The loop is software-pipelined ``STAGES`` deep."""
+    scale`` (fp16: ``c`` rounded to fp16, then one fma on the exact code; bf16: all in float32, rounded
+    once), then one tensor-core product per half step. The loop is software-pipelined ``STAGES`` deep."""
     HALF: tl.constexpr = BLOCK_K // 2
     GPB: tl.constexpr = BLOCK_K // GS  # groups per step
     dt: tl.constexpr = x_ptr.dtype.element_ty
@@ -359,7 +361,7 @@ def _scaled(codes, s, z, dt: tl.constexpr, BLOCK_N: tl.constexpr, GPB: tl.conste
     times their group's scale, plus ``-zero * scale``, in ``dt``."""
     c = -(z * s)
     q = tl.reshape(codes, (BLOCK_N, GPB, GS // 2))
-    if dt == tl.float16:  # exact codes, fp16 scale: one fma, one rounding of the sum
+    if dt == tl.float16:  # exact codes, fp16 scale, c rounded to fp16: one fma
         w = q * s.to(dt)[:, :, None] + c.to(dt)[:, :, None]
     else:
         w = (q * s[:, :, None] + c[:, :, None]).to(dt)
