@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, LAUNCHERS, SCRATCH, SPLIT_MAX_N, Launcher, cdiv, cublas_linear, launch_grid, scratch_at, scratch_for, tuned_launcher
+from .launch import INTERPRET, LAUNCHERS, SCRATCH, SPLIT_MAX_N, Launcher, cdiv, cublas_linear, k_steps, launch_grid, scratch_at, scratch_for, tuned_launcher
 
 CODES = 15  # exponents a code stands for; code 15 escapes
 ESCAPE = 15
@@ -105,10 +105,7 @@ def _gemv_kernel(
     ``K / 2`` code columns, ``BLOCK_K`` at a time (two weights per code byte, one from each half of K)."""
     pid = tl.program_id(0)
     kh = K // 2
-    k_blocks = tl.cdiv(kh, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(kh, BLOCK_K), SPLIT_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

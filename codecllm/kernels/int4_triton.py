@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, cdiv, choose_path, cublas_linear, launch_grid,
+from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, cdiv, choose_path, cublas_linear, k_steps, launch_grid,
                      scratch_at, scratch_for, split_fits, tuned_launcher)
 
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as float32
@@ -60,10 +60,7 @@ def _int4_gemv_kernel(
     HALF: tl.constexpr = BLOCK_K // 2  # bytes of a row per step
     GPB: tl.constexpr = BLOCK_K // GS  # groups per step
     pid = tl.program_id(0)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)
     rg = tl.arange(0, GPB)
@@ -221,10 +218,7 @@ def _int4_gemv_half2_kernel(
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     x32 = x_ptr.to(tl.pointer_type(tl.int32))  # activation pairs
     pid = tl.program_id(0)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rn < N
     acc = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
@@ -275,10 +269,7 @@ def _int4_mm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -326,10 +317,7 @@ def _int4_mm_deq_kernel(
     grid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // grid_n
     pid_n = pid % grid_n
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, Launcher, bucket_of, cdiv, choose_path, cublas_linear,
-                     launch_grid, scratch_at, scratch_for, split_fits, tuned_launcher)
+                     k_steps, launch_grid, scratch_at, scratch_for, split_fits, tuned_launcher)
 
 
 
@@ -84,10 +84,7 @@ def _int8_mm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,10 +148,7 @@ def _int8_gemv_kernel(
     memory while this one computes); ``EVEN`` (``BLOCK_N`` divides N, ``BLOCK_K`` divides K) drops the
     bounds checks."""
     pid = tl.program_id(0)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb0 = tl.program_id(1) * per_split
-    kb1 = tl.minimum(kb0 + per_split, k_blocks)
+    kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
 
 from ..errors import DeviceError
 from ..gpu.graphs import events_ms
@@ -31,6 +32,15 @@ def split_fits(c: triton.Config, m_bucket: int, n: int, k: int) -> bool:
         return True
     rows = cdiv(m_bucket, kw["BLOCK_M"]) * kw["BLOCK_M"]
     return n <= SPLIT_MAX_N and k >= kw["SPLIT_K"] * kw["BLOCK_K"] and rows * kw["SPLIT_K"] <= MAX_SPLIT_K * SMALL_M
+
+
+@triton.jit
+def k_steps(k_blocks, SPLIT_K: tl.constexpr):
+    """This program's K steps ``[first, last)`` of ``k_blocks``, split over ``SPLIT_K`` programs along
+    grid axis 1 (the last ones may get fewer, or none)."""
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    first = tl.program_id(1) * per_split
+    return first, tl.minimum(first + per_split, k_blocks)
 
 
 def cdiv(a: int, b: int) -> int:
