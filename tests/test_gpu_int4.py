@@ -43,6 +43,27 @@ def test_int4_matmul_against_cpu_reference(m, dtype, gs):
     assert torch.equal(mm(x.to(DEV)), y)
 
 
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int4_medium_m_paths(path, dtype, monkeypatch):
+    """65-128 rows: both paths the timing may pick, forced in turn (the GEMM that dequantizes in
+    registers, with grouped row tiles; cuBLAS on weights the dequantize kernel wrote), against the CPU
+    reference, each the same bits on a second call."""
+    from codecllm.kernels import launch
+    from codecllm.kernels.int4_triton import Int4Matmul
+
+    n, k, m = 776, 1568, 120
+    _, parts, w = _parts(n, k, 64, seed=11)
+    x = torch.randn(m, k).to(dtype)
+    mm = Int4Matmul(*(parts[p].to(DEV) for p in ("qweight", "scale", "zero")), 64)
+    monkeypatch.setitem(launch.PATHS, ("int4", 128, n, k, 64, dtype, mm.index), path)
+    assert mm._deq(x)
+    y = mm(x.to(DEV))
+    assert [v == "cublas" for v in mm.launchers.values()] == [path == "cublas"]
+    assert sqnr_db(x.double() @ w.T, y.cpu()) > 38
+    assert torch.equal(mm(x.to(DEV)), y)
+
+
 def test_int4_gemv_outlier_activations():
     """Activations with outlier channels of a few thousand (as down_proj's input has in large models):
     the packed-fp16 one-row kernel stays finite and accurate (without dividing the activations by 16

@@ -27,11 +27,12 @@ CASES = [  # M, N, K, group size, dtype, bias, K split
     (1, 6, 320, 32, torch.float32, True, 1), (1, 5, 576, 64, torch.float16, False, 2),
     (3, 20, 192, 64, torch.float16, True, 1), (5, 33, 130, 32, torch.float32, False, 1), (17, 18, 160, 32, torch.float32, True, 1),
     (16, 24, 512, 64, torch.float32, False, 4),
-    # fp16 on 2-64 rows: the GEMM that dequantizes in registers (steps of two groups here), K not a
-    # multiple of a step or a group, K split, several row tiles; from 65 rows the exact-code GEMM. (bf16
-    # takes the same kernel; the interpreter's bf16 tl.dot is wrong, so tests/test_gpu_int4.py checks it.)
+    # fp16 on 2-128 rows: the GEMM that dequantizes in registers (steps of two groups here), K not a
+    # multiple of a step or a group, K split, several row tiles (grouped in pairs, the last group short);
+    # from 129 rows the exact-code GEMM. (bf16 takes the same kernel; the interpreter's bf16 tl.dot is
+    # wrong, so tests/test_gpu_int4.py checks it.)
     (16, 24, 512, 64, torch.float16, False, 4), (5, 33, 130, 32, torch.float16, False, 2), (40, 18, 320, 128, torch.float16, True, 1),
-    (2, 7, 96, 32, torch.float16, True, 3), (70, 12, 256, 64, torch.float16, True, 1),
+    (2, 7, 96, 32, torch.float16, True, 3), (70, 40, 256, 64, torch.float16, True, 1), (300, 10, 192, 64, torch.float16, True, 1),
     # fp16 at one row: the packed-fp16 GEMV, its blocks dividing N and K (no bounds checks) or not, K split;
     # K not a multiple of 8 falls back to the byte GEMV
     (1, 12, 512, 64, torch.float16, True, 1), (1, 9, 648, 32, torch.float16, True, 3), (1, 6, 100, 32, torch.float16, True, 1),
@@ -56,7 +57,7 @@ def test_int4_matmul(case, monkeypatch):
         monkeypatch.setattr(int4_triton, name, type("Spy", (), {"__getitem__": lambda _, g, name=name, kernel=kernel: ran.append(name) or kernel[g]})())
     y = int4_linear(x.reshape(1, m, k), parts["qweight"], parts["scale"], parts["zero"], gs, b)
     half2 = m == 1 and dtype == torch.float16 and k % 8 == 0  # which one-row kernel ran
-    deq = 1 < m < 65 and dtype != torch.float32  # which GEMM
+    deq = 1 < m <= 128 and dtype != torch.float32  # which GEMM
     assert ran == ["_int4_gemv_half2_kernel"] * half2 + ["_int4_mm_deq_kernel"] * deq
     assert y.shape == (1, m, n) and y.dtype == dtype
     ref = x.double() @ w.T + (b.double() if bias else 0)
@@ -83,6 +84,22 @@ def test_int4_dequantize_into():
     out = torch.empty(6, 200)
     int4_triton.dequantize_into(parts["qweight"], parts["scale"], parts["zero"], 64, out)
     assert torch.equal(out, w.float())
+
+
+@interpreted
+def test_int4_dequantize_into_any_even_group_size():
+    """A group size that is not a power of two (the kernel API takes any even one; the scheme's are 32,
+    64 and 128): scale and zero point gathered per weight, the same bits as float32 ``(q - zero) * scale``."""
+    torch.manual_seed(0)
+    n, k, gs = 5, 200, 48
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    s, z = torch.rand(n, -(-k // gs)).half() * 1e-2, (torch.rand(n, -(-k // gs)) * 15).half()
+    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(n, k).float()
+    g = torch.arange(k) // gs
+    ref = ((codes - z.float()[:, g]) * s.float()[:, g]).half()
+    out = torch.empty(n, k, dtype=torch.float16)
+    int4_triton.dequantize_into(q, s, z, gs, out)
+    assert torch.equal(out, ref)
 
 
 @interpreted

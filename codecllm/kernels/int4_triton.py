@@ -16,7 +16,7 @@ high nibble, left in place, whose activation is pre-divided by 16), and one subt
 exactly. Per group, the dot product of the codes with the activations is taken first; scale and zero
 point are applied once per group: ``sum_g scale_g * (sum_k q_k x_k - zero_g * sum_k x_k)``.
 
-2-64 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
+2-128 rows of fp16 or bf16 activations: ``_int4_mm_deq_kernel``, a tensor-core GEMM whose K steps span
 several groups (up to 256 columns), each weight made in registers in the activation dtype before the
 product (bf16: ``q * scale - zero * scale`` in float32, rounded once, as the dequantize-then-cuBLAS path
 rounds it; fp16: one fma of the exact code and the scale with ``-zero * scale`` rounded to fp16 first, an
@@ -24,7 +24,9 @@ error of at most ``|zero * scale| * 2^-12`` more, under 0.4% of a quantization s
 activations are read as whole rows of the step and split into even and odd columns in registers. On
 Llama-3-8B's shapes (H100, benchmarks/NOTES.md) this runs at 1.31-2.00x of fp16 at 16 rows and 0.49-1.07x
 at 64, where the exact-code GEMM below (steps of one group, activations read at stride 2) ran at 0.56-1.03x
-and 0.10-0.24x.
+and 0.10-0.24x. From 65 rows it takes larger, grouped row tiles and is timed against cuBLAS per shape. It stops
+at 128 rows: at 256 it reached only 0.39-0.47x of fp16 (about what cuBLAS on the dequantize kernel's output
+gives, by estimate), and one bucket of 65-256 rows tuned at 128 ran 256 rows at 0.22-0.44x.
 
 More rows, or float32: ``_int4_mm_kernel``, a tensor-core GEMM on the codes themselves, widened exactly to the
 activation dtype in registers by the same mantissa trick (``_codes``), as two half-depth products: the
@@ -304,9 +306,10 @@ def _int4_mm_deq_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, G, M_BUCKET, stride_xm, stride_xk, stride_wn, stride_ym, stride_yn,
     GS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """2-64 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
+    """2-128 rows of fp16 or bf16 activations: K steps of several groups (``BLOCK_K`` a multiple of
     ``GS``), each weight made in registers in the activation dtype as ``q * scale + c``, ``c = -zero *
     scale`` (fp16: ``c`` rounded to fp16, then one fma on the exact code; bf16: all in float32, rounded
     once), then one tensor-core product per half step. The loop is software-pipelined ``STAGES`` deep."""
@@ -314,9 +317,13 @@ def _int4_mm_deq_kernel(
     GPB: tl.constexpr = BLOCK_K // GS  # groups per step
     dt: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
+    group = GROUP_M * grid_n  # GROUP_M row tiles take each column tile in turn (its weights then come from L2)
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
     kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -408,20 +415,33 @@ def _store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS:
 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, G, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``o[n, k] = (q[n, k] - zero[n, k // GS]) * scale[n, k // GS]`` (float32, rounded once to ``o``'s dtype)."""
+    """``o[n, k] = (q[n, k] - zero[n, k // GS]) * scale[n, k // GS]`` (float32, rounded once to ``o``'s dtype).
+    Where a block holds whole groups (``GS`` a power of two dividing ``BLOCK_K``), scale and zero point
+    are read once per group, not gathered per weight (1.4-1.7x faster on an H100, about 2.5 TB/s)."""
     HALF: tl.constexpr = BLOCK_K // 2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     j = tl.program_id(1) * HALF + tl.arange(0, HALF)
-    mask = (rn[:, None] < N) & (j[None, :] < K // 2)
-    b = tl.load(w_ptr + rn[:, None] * (K // 2) + j[None, :], mask=mask, other=0)
-    g = (2 * j) // GS
-    s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    even = ((b & 0xF).to(tl.float32) - z) * s
-    odd = ((b >> 4).to(tl.float32) - z) * s
+    n_ok = rn < N
+    b = tl.load(w_ptr + rn[:, None] * (K // 2) + j[None, :], mask=n_ok[:, None] & (j < K // 2)[None, :], other=0)
+    lo, hi = _codes(b, tl.float32)
+    if BLOCK_K % GS == 0 and (GS & (GS - 1)) == 0:
+        GPB: tl.constexpr = BLOCK_K // GS
+        g = tl.program_id(1) * GPB + tl.arange(0, GPB)
+        gmask = n_ok[:, None] & (g < G)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        even = tl.reshape((tl.reshape(lo, (BLOCK_N, GPB, GS // 2)) - z) * s, (BLOCK_N, HALF))
+        odd = tl.reshape((tl.reshape(hi, (BLOCK_N, GPB, GS // 2)) - z) * s, (BLOCK_N, HALF))
+    else:
+        mask = n_ok[:, None] & (j < K // 2)[None, :]
+        g = (2 * j) // GS
+        s = tl.load(s_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * G + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        even = (lo - z) * s
+        odd = (hi - z) * s
     w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # interleaved back: column 2j, then 2j + 1
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + rn[:, None] * K + rk[None, :], w.to(o_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
+    tl.store(o_ptr + rn[:, None] * K + rk[None, :], w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None] & (rk[None, :] < K))
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -468,18 +488,24 @@ def _mm_configs() -> list[triton.Config]:
 
 
 def _deq_configs() -> list[triton.Config]:
-    # measured on an H100 at Llama-3-8B's shapes at 16 rows (benchmarks/NOTES.md): 128 columns of 256
-    # (8 warps) or 128 (4 warps), 2-3 deep; K split for the narrow matrices
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": st}, num_warps=w, num_stages=1)
-            for bm in (SMALL_M, 64) for bn, bk, w, st in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 4, 3), (64, 256, 4, 3))
-            for split in (1, 2, 4)]
+    # measured on an H100 at Llama-3-8B's shapes (benchmarks/NOTES.md). Up to 64 rows (tuned at 16): 128
+    # columns of 256 (8 warps) or 128 (4 warps), 2-3 deep, K split for the narrow matrices. 65-128 rows: the
+    # three tiles that won on some shape at 128 rows, row tiles grouped by 8
+    small = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": split, "STAGES": st}, num_warps=w, num_stages=1)
+             for bm in (SMALL_M, 64) for bn, bk, w, st in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 4, 3), (64, 256, 4, 3))
+             for split in (1, 2, 4)]
+    return small + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1, "STAGES": st}, num_warps=w, num_stages=1)
+                    for bm, bn, bk, w, st in ((128, 64, 128, 4, 3), (64, 64, 256, 4, 3), (128, 128, 256, 8, 2))]
 
 
 def _prune_deq(configs, named_args, **kwargs):
-    n, k, gs = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS"))
-    bm = SMALL_M if named_args["M_BUCKET"] <= SMALL_M else 64
-    keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0 and c.kwargs["BLOCK_M"] == bm]
-    return [c for c in keep if split_fits(c, named_args["M_BUCKET"], n, k)] or [c for c in keep if c.kwargs["SPLIT_K"] == 1]
+    n, k, gs, bucket = named_args["N"], named_args["K"], kwargs.get("GS", named_args.get("GS")), named_args["M_BUCKET"]
+    if bucket > 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0 and c.kwargs["GROUP_M"] > 1]
+    else:
+        bm = SMALL_M if bucket <= SMALL_M else 64
+        keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0 and c.kwargs["BLOCK_M"] == bm and c.kwargs["GROUP_M"] == 1]
+    return [c for c in keep if split_fits(c, bucket, n, k)] or [c for c in keep if c.kwargs["SPLIT_K"] == 1]
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -503,13 +529,14 @@ _tuned_deq = triton.autotune(configs=_deq_configs(), key=["M_BUCKET", "N", "K", 
     _int4_mm_deq_kernel)
 _GEMV_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
 _DEQ_DTYPES = (torch.float16, torch.bfloat16)
-_DEQ_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES")
+DEQ_MAX_M = 128  # the last row of M bucket 128; more rows take the exact-code GEMM (dequantizing per row tile costs more there)
+_DEQ_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "STAGES")
 _HALF2_CONSTS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "STAGES", "EVEN")
 _MM_CONSTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
 # the interpreter has no benchmarking driver: it runs one fixed configuration (tests change SPLIT_K)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}
 INTERPRET_GEMV = {"BLOCK_N": 4, "BLOCK_K": 128, "SPLIT_K": 1}  # both one-row kernels
-INTERPRET_DEQ = {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 1, "STAGES": 2}  # steps of two groups
+INTERPRET_DEQ = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "SPLIT_K": 1, "STAGES": 2}  # steps of two groups
 
 
 def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, k: int | None = None) -> tuple[int, int, int]:
@@ -532,8 +559,9 @@ def check(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_
 def dequantize_into(qweight, scale, zero, group_size: int, out: torch.Tensor) -> torch.Tensor:
     """``out[:] = W`` for packed ``[N, K / 2]`` codes (``out`` contiguous ``[N, K]``)."""
     n, k, g = check(qweight, scale, zero, group_size)
-    _int4_dequant_kernel[(cdiv(n, 8), cdiv(k, 1024))](qweight, scale, zero, out, n, k, g, GS=group_size,
-                                                                  BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+    bk = min(2048, triton.next_power_of_2(k))  # blocks of 4096 weights (H100: 2 x 2048 measured best of 1-32 rows)
+    bn = 4096 // bk
+    _int4_dequant_kernel[(cdiv(n, bn), cdiv(k, bk))](qweight, scale, zero, out, n, k, g, GS=group_size, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
 
@@ -625,9 +653,10 @@ class Int4Matmul:
 
     def _deq(self, x2: torch.Tensor) -> bool:
         """Whether a call of several rows takes the GEMM that dequantizes in registers (``_int4_mm_deq_kernel``):
-        2 to ``LARGE_M - 1`` rows of fp16 or bf16 activations and a group size (a power of two from 8 to
-        256) that a 256-column step holds whole. Decided by the launcher key's fields."""
-        return 1 < x2.shape[0] < LARGE_M and self.deq_groups and x2.dtype in _DEQ_DTYPES
+        2 to ``DEQ_MAX_M`` rows of fp16 or bf16 activations and a group size (a power of two from 8 to
+        256) that a 256-column step holds whole; from ``LARGE_M`` rows it is timed against cuBLAS. Decided by
+        the launcher key's fields."""
+        return 1 < x2.shape[0] <= DEQ_MAX_M and self.deq_groups and x2.dtype in _DEQ_DTYPES
 
     def _first(self, x2, y, lkey, args, tensors, stream) -> None:
         """Tune (or find) the kernel for this layout, computing ``y`` on the way; for large M, time it

@@ -50,7 +50,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def bucket_of(m: int) -> int:
-    return SMALL_M if m <= SMALL_M else 64 if m <= 64 else 256 if m <= 256 else 4096
+    return SMALL_M if m <= SMALL_M else 64 if m <= 64 else 128 if m <= 128 else 256 if m <= 256 else 4096
 
 
 class Scratch:
