@@ -79,9 +79,10 @@ def test_int4_matmul_checks_its_parts():
 
 
 @interpreted
-def test_int4_dequantize_into():
-    parts, w = parts_and_reference(6, 200, 64, 1)
-    out = torch.empty(6, 200)
+@pytest.mark.parametrize("n,k", [(6, 200), (3, 4200)])  # one block along K; three (2048 columns each), the last short
+def test_int4_dequantize_into(n, k):
+    parts, w = parts_and_reference(n, k, 64, 1)
+    out = torch.empty(n, k)
     int4_triton.dequantize_into(parts["qweight"], parts["scale"], parts["zero"], 64, out)
     assert torch.equal(out, w.float())
 
