@@ -111,13 +111,13 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, in a fresh buffer of its own."""
         t = self.tensors[name]
-        buf = bytearray(t.nbytes)
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)  # not zero-filled, as a bytearray would be
         with open(t.path, "rb") as f:
             f.seek(t.data_start + t.entry.begin)
-            got = f.readinto(memoryview(buf))
+            got = f.readinto(memoryview(buf.numpy()))
         if got != t.nbytes:
             raise SourceError(f"{t.path}: short read of tensor {name!r}")
-        return torch.frombuffer(buf, dtype=t.dtype).reshape(t.entry.shape) if t.nbytes else torch.empty(t.entry.shape, dtype=t.dtype)
+        return buf.view(t.dtype).reshape(t.entry.shape) if t.nbytes else torch.empty(t.entry.shape, dtype=t.dtype)
 
     def embedded_files(self) -> dict[str, Path]:
         """The small files a model needs besides its weights: config, generation config, tokenizer."""

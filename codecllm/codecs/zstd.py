@@ -42,7 +42,12 @@ class Zstd(Codec):
 
     def encode(self, data: memoryview, chunk_size: int, level: int = 3) -> list[bytes]:
         bounds = chunk_bounds(len(data), chunk_size)
-        return list(shared_pool().map(lambda b: _compressor(level).compress(data[b[0]:b[1]]), bounds))
+        # runs of consecutive chunks per task, a few tasks per core: a future per 64 KiB chunk cost the
+        # calling thread about 0.2 s of a 1.8 s lossless conversion of 438 MB
+        per = max(1, len(bounds) // (4 * (os.cpu_count() or 1)))
+        runs = [bounds[i:i + per] for i in range(0, len(bounds), per)]
+        compress = lambda run: [_compressor(level).compress(data[b0:b1]) for b0, b1 in run]  # noqa: E731
+        return [frame for frames in shared_pool().map(compress, runs) for frame in frames]
 
 
 def _compressor(level: int):
