@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, bucket_of, cdiv, choose_path, cublas_linear, k_steps, launch_grid,
-                     scratch_at, scratch_for, split_fits, tuned_launcher)
+                     scratch_at, scratch_for, split_fits, tile_of, tuned_launcher)
 
 _MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as float32
 
@@ -262,15 +262,7 @@ def _int4_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
+    pid_m, pid_n = tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -316,14 +308,7 @@ def _int4_mm_deq_kernel(
     HALF: tl.constexpr = BLOCK_K // 2
     GPB: tl.constexpr = BLOCK_K // GS  # groups per step
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n  # GROUP_M row tiles take each column tile in turn (its weights then come from L2)
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import (INTERPRET, LARGE_M, LAUNCHERS, PATHS, SCRATCH, SMALL_M, SPLIT_MAX_N, Launcher, bucket_of, cdiv, choose_path, cublas_linear,
-                     k_steps, launch_grid, scratch_at, scratch_for, split_fits, tuned_launcher)
+                     k_steps, launch_grid, scratch_at, scratch_for, split_fits, tile_of, tuned_launcher)
 
 
 
@@ -75,15 +75,7 @@ def _int8_mm_kernel(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
+    pid_m, pid_n = tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kb0, kb1 = k_steps(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,6 +97,7 @@ def _int8_mm_kernel(
     if SPLIT_K == 1:
         _epilogue(acc, rm, rn, M, N, s_ptr, b_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
     else:
+        pid = tl.program_id(0)
         tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         parts = part_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_N)
         tl.store(parts + tl.program_id(1) * (BLOCK_M * BLOCK_N) + tile, acc)

@@ -35,6 +35,19 @@ def split_fits(c: triton.Config, m_bucket: int, n: int, k: int) -> bool:
 
 
 @triton.jit
+def tile_of(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (row tile, column tile): ``GROUP_M`` row tiles take each column tile in
+    turn, so that the programs running together share its weights through L2 (the last group of row tiles
+    may be shorter)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
 def k_steps(k_blocks, SPLIT_K: tl.constexpr):
     """This program's K steps ``[first, last)`` of ``k_blocks``, split over ``SPLIT_K`` programs along
     grid axis 1 (the last ones may get fewer, or none)."""
