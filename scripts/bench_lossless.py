@@ -38,6 +38,7 @@ from codecllm.format import CllmFile  # noqa: E402
 from codecllm.source import Checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+USER_THREADS = torch.get_num_threads()  # torch's default, before one_core()
 
 
 def entropy_bits(b: np.ndarray) -> float:
@@ -84,7 +85,7 @@ def all_cores_convert_s(src: Path, out: Path) -> float:
     threads), best of two; one core's setting is restored after."""
     pool, threads = codecs._shared_pool, torch.get_num_threads()
     codecs._shared_pool = None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(USER_THREADS)
     try:
         times = []
         for _ in range(2):
@@ -94,7 +95,8 @@ def all_cores_convert_s(src: Path, out: Path) -> float:
             times.append(time.perf_counter() - t)
         return min(times)
     finally:
-        codecs._shared_pool.shutdown()
+        if codecs._shared_pool is not None:
+            codecs._shared_pool.shutdown()
         codecs._shared_pool = pool
         torch.set_num_threads(threads)
 

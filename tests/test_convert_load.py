@@ -223,6 +223,40 @@ def test_entropy_bound_of_a_large_part_from_its_sample():
     assert _entropy_bytes(big) == pytest.approx(full(big), rel=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random"])
+def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
+    """A part of more than 32 chunks is coded first on 8 evenly spaced ones: random bytes are stored raw
+    without coding the rest; a part with compressible chunks among the sampled is coded whole; a small
+    part is coded whole and, when that saves nothing, stored raw."""
+    import io
+
+    import numpy as np
+
+    from codecllm.codecs import get_codec
+    from codecllm.converter import _Coding, _DataWriter, _encode_part
+
+    zstd = get_codec("zstd")
+    coded = []
+    real = type(zstd).encode
+    monkeypatch.setattr(type(zstd), "encode", lambda self, data, *a, **k: coded.append(len(data)) or real(self, data, *a, **k))
+    size = 4096
+    rng = np.random.default_rng(0)
+    n = 5 * size if kind == "small-random" else 100 * size + 7
+    data = rng.integers(0, 256, n, dtype=np.uint8)
+    if kind == "random-then-zeros":
+        data[n // 2:] = 0
+    buf = io.BytesIO()
+    part, stored, _ = _encode_part("w", "data", "w", torch.from_numpy(data), _Coding("zstd", size, {"level": 3}), _DataWriter(buf))
+    if part.codec == "raw":
+        assert buf.getvalue() == data.tobytes()
+    if kind == "random":
+        assert (part.codec, stored, coded) == ("raw", n, [8 * size - size + 7])  # the sample only (its last chunk: 7 bytes)
+    elif kind == "random-then-zeros":
+        assert part.codec == "zstd" and stored < 0.6 * n and coded == [8 * size - size + 7, n]
+    else:
+        assert (part.codec, stored, coded) == ("raw", n, [n])
+
+
 def test_failed_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "out" / "m.cllm"
     out.parent.mkdir()
