@@ -165,7 +165,8 @@ class _Coding:
 
 def _encode_part(rec_name: str, part_name: str, tensor_name: str, t: torch.Tensor, coding: _Coding, writer: _DataWriter,
                  entropy: bool = False) -> tuple[Part, int, float | None]:
-    """Store one part: through the codec where that saves bytes, else raw. Returns the part, its stored
+    """Store one part: through the codec where that saves bytes (for a large part, where a sample of its
+    chunks shows it may: ``_codec_gains``), else raw. Returns the part, its stored
     size and, with ``entropy``, the order-0 entropy bound of its bytes."""
     raw = t.contiguous().view(torch.uint8).reshape(-1).numpy()
     codec = get_codec(coding.codec)
