@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .architecture import empty_model, plan
-from .codecs import DEFAULT_CHUNK_SIZE, default_codec_id, get_codec, shared_pool
+from .codecs import DEFAULT_CHUNK_SIZE, chunk_bounds, default_codec_id, get_codec, shared_pool
 from .dtypes import dtype_name, itemsize
 from .errors import CodecLLMError, HeaderTooLargeError, OutputExistsError, SourceError
 from .format import FILE_PREFIX, HEADER_CAP, Document, Entry, Part, Record, build_header, sha256
@@ -114,13 +114,13 @@ def _codec_gains(raw: np.ndarray, codec, coding: "_Coding") -> bool:
     sign and mantissa bytes of bfloat16 weights and the low bytes of float16 ones, which zstd stores raw
     anyway: half of a lossless conversion's zstd time). A part whose compressible bytes all lie between
     the sampled chunks would be stored raw too."""
-    size = coding.chunk_size
-    n = -(-len(raw) // size)
-    if n <= 4 * PROBE_CHUNKS:
+    bounds = chunk_bounds(len(raw), coding.chunk_size)
+    if len(bounds) <= 4 * PROBE_CHUNKS:
         return True
     # the chunks back to back (all whole but perhaps the last): coded in one call, as chunks of their own
-    sample = np.concatenate([raw[i * size:(i + 1) * size] for i in (j * (n - 1) // (PROBE_CHUNKS - 1) for j in range(PROBE_CHUNKS))])
-    return sum(len(p) for p in codec.encode(memoryview(sample), size, **coding.options)) < len(sample)
+    picked = (bounds[j * (len(bounds) - 1) // (PROBE_CHUNKS - 1)] for j in range(PROBE_CHUNKS))
+    sample = np.concatenate([raw[b0:b1] for b0, b1 in picked])
+    return sum(len(p) for p in codec.encode(memoryview(sample), coding.chunk_size, **coding.options)) < len(sample)
 
 
 def _entropy_bytes(data: np.ndarray) -> float:

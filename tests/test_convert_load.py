@@ -221,6 +221,8 @@ def test_entropy_bound_of_a_large_part_from_its_sample():
     assert _entropy_bytes(small) == pytest.approx(full(small), rel=1e-12)
     big = (rng.standard_normal(12 << 20) * 6).astype(np.int64).clip(-128, 127).astype(np.uint8)  # a skewed distribution
     assert _entropy_bytes(big) == pytest.approx(full(big), rel=1e-3)
+    big[6 << 20:] = rng.integers(0, 256, 6 << 20, dtype=np.uint8)  # its second half uniform: the blocks span the whole part
+    assert _entropy_bytes(big) == pytest.approx(full(big), rel=2e-2)
 
 
 @pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random"])
