@@ -409,7 +409,7 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, G, GS: tl.constexpr, 
     n_ok = rn < N
     b = tl.load(w_ptr + rn[:, None] * (K // 2) + j[None, :], mask=n_ok[:, None] & (j < K // 2)[None, :], other=0)
     lo, hi = _codes(b, tl.float32)
-    if BLOCK_K % GS == 0 and (GS & (GS - 1)) == 0:
+    if BLOCK_K % GS == 0:  # (BLOCK_K a power of two: so is GS then)
         GPB: tl.constexpr = BLOCK_K // GS
         g = tl.program_id(1) * GPB + tl.arange(0, GPB)
         gmask = n_ok[:, None] & (g < G)[None, :]
@@ -490,7 +490,7 @@ def _prune_deq(configs, named_args, **kwargs):
     else:
         bm = SMALL_M if bucket <= SMALL_M else 64
         keep = [c for c in configs if c.kwargs["BLOCK_K"] % gs == 0 and c.kwargs["BLOCK_M"] == bm and c.kwargs["GROUP_M"] == 1]
-    return [c for c in keep if split_fits(c, bucket, n, k)] or [c for c in keep if c.kwargs["SPLIT_K"] == 1]
+    return [c for c in keep if split_fits(c, bucket, n, k)]  # every tile has an unsplit configuration
 
 
 def _prune_mm(configs, named_args, **kwargs):
