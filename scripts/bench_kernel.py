@@ -69,8 +69,9 @@ def matmuls(shapes, ms, int4_gs: int | None) -> list[dict]:
         q4 = []
         if int4_gs:
             g = -(-k // int4_gs)
-            sz = (torch.rand(n, g, device=DEV).half() * 1e-3, torch.rand(n, g, device=DEV).half() * 15)
-            q4 = [Int4Matmul(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV), *sz, int4_gs) for _ in range(copies)]
+            # every copy its own scales and zero points too, so that L2 holds none of them (as in a model)
+            q4 = [Int4Matmul(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV), torch.rand(n, g, device=DEV).half() * 1e-3,
+                             torch.rand(n, g, device=DEV).half() * 15, int4_gs) for _ in range(copies)]
         for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             inner = min(copies, 64)

@@ -442,6 +442,9 @@ def _half2_configs() -> list[triton.Config]:
     # columns, the loop 3-4 deep; 8 warps and deeper pipelines were slower everywhere
     cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "STAGES": st}, num_warps=4, num_stages=1)
             for bn, bk in ((16, 1024), (32, 1024), (16, 2048), (32, 512), (64, 512)) for st in (3, 4)]
+    # two steps of 2048 columns, double-buffered: the fastest of 54 tiles on the fused gate/up 28672 x 4096
+    # (28.8 us against 29.7 at 3 deep; exp sweep with per-copy scales)
+    cfgs.append(triton.Config({"BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "STAGES": 2}, num_warps=4, num_stages=1))
     cfgs += [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 3}, num_warps=4, num_stages=1)
              for bn, bk in ((16, 1024), (32, 512)) for split in (2, 4)]  # few rows, long K
     return cfgs
