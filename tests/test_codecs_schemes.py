@@ -33,6 +33,43 @@ def test_zstd_chunks_are_independent_standard_frames():
     assert all(p[:4] == b"\x28\xb5\x2f\xfd" for p in pieces)  # zstd frame magic
 
 
+def test_zstd_encode_shares_runs_with_its_pool(monkeypatch):
+    """The calling thread codes runs of chunks beside the pool's workers: the same frames, in order, when
+    it is itself the only worker of the shared pool (no wait on a helper that cannot start), and an error
+    in any thread's chunk is raised, after the helpers stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zstandard
+
+    from codecllm import codecs
+    from codecllm.codecs import zstd as zstd_module
+
+    z = get_codec("zstd")
+    data = memoryview(np.random.default_rng(0).integers(0, 16, 3 << 20, dtype=np.uint8))
+    want = z.encode(data, 1 << 16)
+    assert len(want) == 48 and b"".join(zstandard.ZstdDecompressor().decompress(p) for p in want) == data.tobytes()
+    pool = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(codecs, "_shared_pool", pool)
+    assert pool.submit(z.encode, data, 1 << 16).result(timeout=60) == want
+
+    class Failing:
+        calls = 0
+
+        def compress(self, b):
+            Failing.calls += 1
+            if Failing.calls == 5:
+                raise zstandard.ZstdError("chunk 5")
+            return b"x"
+
+    pool.shutdown()
+    pool = ThreadPoolExecutor(max_workers=2)
+    monkeypatch.setattr(codecs, "_shared_pool", pool)
+    monkeypatch.setattr(zstd_module, "_compressor", lambda level: Failing())
+    with pytest.raises(zstandard.ZstdError, match="chunk 5"):
+        z.encode(data, 1 << 16)
+    pool.shutdown()
+
+
 def test_zstd_corrupt_frame_raises_decode_error():
     data = np.zeros(5000, dtype=np.uint8)
     pieces = get_codec("zstd").encode(memoryview(data), 4096)

@@ -54,7 +54,7 @@ def test_one_block_as_on_a_gpu(monkeypatch, n):
 
     monkeypatch.setattr(lossless, "_block", lambda t: max(t.numel() + t.numel() % 2, 2))
     s = get_scheme("lossless")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
         w = torch.cat([torch.randn(n) * 0.02, torch.randn(n) * 1e30])[torch.randperm(2 * n)][:n].to(dtype)
         assert same_bits(s.dequantize(s.quantize(w), None), w)
 

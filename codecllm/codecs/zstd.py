@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from concurrent.futures import wait
 
 import numpy as np
 
@@ -51,17 +52,27 @@ class Zstd(Codec):
         runs = [bounds[i:i + per] for i in range(0, len(bounds), per)]
         frames: list[list[bytes]] = [[] for _ in runs]
         order = itertools.count()  # next() on it is atomic: each run is coded once
+        stop = threading.Event()  # set where this thread fails: the helpers take no further run
 
         def work() -> None:
             compress = _compressor(level).compress
-            while (i := next(order)) < len(runs):
+            while not stop.is_set() and (i := next(order)) < len(runs):
                 frames[i] = [compress(data[b0:b1]) for b0, b1 in runs[i]]
 
-        helpers = [shared_pool().submit(work) for _ in range(min(cores, len(runs) - 1))]
-        work()
-        for h in helpers:  # one not yet started finds no run left: dropped (and no wait on a pool this thread may be part of)
-            if not h.cancel():
-                h.result()
+        # this thread and cores - 1 helpers: one coding thread per core
+        helpers = [shared_pool().submit(work) for _ in range(min(cores - 1, len(runs) - 1))]
+        try:
+            work()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            # one not yet started would find no run left: dropped, and not waited on (a cancelled future is
+            # done only once a worker takes it, and this thread may be the pool's only worker)
+            running = [h for h in helpers if not h.cancel()]
+            wait(running)
+        for h in running:
+            h.result()  # a helper's error
         return [frame for run in frames for frame in run]
 
 

@@ -126,7 +126,7 @@ def _blocks(n: int, block: int):
 
 def _bytes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The low and the high byte of each of the int16 words ``x`` (flat), as two planes: a block at a time
-    on contiguous words (on two cores 4x faster than copying the strided bytes of each plane)."""
+    on contiguous words (on one torch thread 4x faster than copying the strided bytes of each plane)."""
     n, block = x.numel(), _block(x)
     low, high = (torch.empty(n, dtype=torch.uint8, device=x.device) for _ in range(2))
     t = torch.empty(block, dtype=torch.int16, device=x.device)
