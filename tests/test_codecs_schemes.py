@@ -37,6 +37,7 @@ def test_zstd_encode_shares_runs_with_its_pool(monkeypatch):
     """The calling thread codes runs of chunks beside the pool's workers: the same frames, in order, when
     it is itself the only worker of the shared pool (no wait on a helper that cannot start), and an error
     in any thread's chunk is raised, after the helpers stopped."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import zstandard
@@ -67,6 +68,9 @@ def test_zstd_encode_shares_runs_with_its_pool(monkeypatch):
     monkeypatch.setattr(zstd_module, "_compressor", lambda level: Failing())
     with pytest.raises(zstandard.ZstdError, match="chunk 5"):
         z.encode(data, 1 << 16)
+    calls = Failing.calls
+    time.sleep(0.05)
+    assert Failing.calls == calls < 24  # no thread still coding, and (runs of 6 chunks) no run begun after the error
     pool.shutdown()
 
 

@@ -52,20 +52,21 @@ class Zstd(Codec):
         runs = [bounds[i:i + per] for i in range(0, len(bounds), per)]
         frames: list[list[bytes]] = [[] for _ in runs]
         order = itertools.count()  # next() on it is atomic: each run is coded once
-        stop = threading.Event()  # set where this thread fails: the helpers take no further run
+        stop = threading.Event()  # set where a thread fails: the others take no further run
 
         def work() -> None:
-            compress = _compressor(level).compress
-            while not stop.is_set() and (i := next(order)) < len(runs):
-                frames[i] = [compress(data[b0:b1]) for b0, b1 in runs[i]]
+            try:
+                compress = _compressor(level).compress
+                while not stop.is_set() and (i := next(order)) < len(runs):
+                    frames[i] = [compress(data[b0:b1]) for b0, b1 in runs[i]]
+            except BaseException:
+                stop.set()
+                raise
 
         # this thread and cores - 1 helpers: one coding thread per core
         helpers = [shared_pool().submit(work) for _ in range(min(cores - 1, len(runs) - 1))]
         try:
             work()
-        except BaseException:
-            stop.set()
-            raise
         finally:
             # one not yet started would find no run left: dropped, and not waited on (a cancelled future is
             # done only once a worker takes it, and this thread may be the pool's only worker)
