@@ -335,7 +335,9 @@ def report(result: dict) -> None:
 
     def fp16_ref(compiled: bool) -> dict:
         fp16 = [r for r in rows if r["variant"] == (dense + "+compile" if compiled else dense) and "error" not in r]
-        return {k: statistics.mean(r[k] for r in fp16) for k in fp16[0] if k != "variant" and k in fp16[-1]} if fp16 else {}
+        # numbers only: a row may also hold a dict (the profiled step's kernels, a footprint)
+        return {k: statistics.mean(r[k] for r in fp16) for k, v in fp16[0].items()
+                if isinstance(v, (int, float)) and k in fp16[-1]} if fp16 else {}
 
     refs = {False: fp16_ref(False), True: fp16_ref(True)}
     cols = [("weight_bytes", "weights GB", 1e9, False), ("linear_weight_bytes", "Linear GB", 1e9, False), ("a_generate_ms_per_token", "a) ms/tok", 1, True),
