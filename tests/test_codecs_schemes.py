@@ -33,6 +33,16 @@ def test_zstd_chunks_are_independent_standard_frames():
     assert all(p[:4] == b"\x28\xb5\x2f\xfd" for p in pieces)  # zstd frame magic
 
 
+def test_zstd_encodes_the_chunks_asked_for():
+    """``chunks`` picks chunks by index, in the order given: the same frames as coding every chunk."""
+    data = memoryview(np.random.default_rng(1).integers(0, 16, 10000, dtype=np.uint8))
+    z = get_codec("zstd")
+    every = z.encode(data, 4096)
+    assert len(every) == 3
+    assert z.encode(data, 4096, chunks=[2, 0]) == [every[2], every[0]]
+    assert z.encode(data, 4096, chunks=[]) == []
+
+
 def test_zstd_encode_shares_runs_with_its_pool(monkeypatch):
     """The calling thread codes runs of chunks beside the pool's workers: the same frames, in order, when
     it is itself the only worker of the shared pool (no wait on a helper that cannot start), and an error

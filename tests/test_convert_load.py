@@ -205,7 +205,7 @@ def test_header_near_the_cap_is_not_padded_past_it(tiny_llama, tmp_path, monkeyp
 
 
 def test_entropy_bound_of_a_large_part_from_its_sample():
-    """Parts above 4 MiB: the order-0 entropy estimated from 64 blocks of 64 KiB is within 1e-3 of the
+    """Parts above 256 KiB: the order-0 entropy estimated from 64 blocks of 4 KiB is within 1e-3 of the
     full count; smaller parts are counted whole."""
     import numpy as np
 
@@ -217,19 +217,21 @@ def test_entropy_bound_of_a_large_part_from_its_sample():
         return float(-(p * np.log2(p)).sum()) * len(d) / 8
 
     rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    small = rng.integers(0, 256, 1 << 18, dtype=np.uint8)
     assert _entropy_bytes(small) == pytest.approx(full(small), rel=1e-12)
+    assert _entropy_bytes(small[:0]) == 0
     big = (rng.standard_normal(12 << 20) * 6).astype(np.int64).clip(-128, 127).astype(np.uint8)  # a skewed distribution
     assert _entropy_bytes(big) == pytest.approx(full(big), rel=1e-3)
     big[6 << 20:] = rng.integers(0, 256, 6 << 20, dtype=np.uint8)  # its second half uniform: the blocks span the whole part
     assert _entropy_bytes(big) == pytest.approx(full(big), rel=2e-2)
 
 
-@pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random"])
+@pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random", "small-zeros"])
 def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
-    """A part of more than 32 chunks is coded first on 8 evenly spaced ones: random bytes are stored raw
-    without coding the rest; a part with compressible chunks among the sampled is coded whole; a small
-    part is coded whole and, when that saves nothing, stored raw."""
+    """A part is coded first on a few evenly spaced chunks (8 of a large part, 2 of a part of 5): random
+    bytes are stored raw without coding the rest; where the sample compresses, the other chunks are coded
+    and the sample's frames kept, so that no chunk is coded twice and the stored bytes are those of coding
+    the part whole."""
     import io
 
     import numpy as np
@@ -238,25 +240,56 @@ def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
     from codecllm.converter import _Coding, _DataWriter, _encode_part
 
     zstd = get_codec("zstd")
-    coded = []
-    real = type(zstd).encode
-    monkeypatch.setattr(type(zstd), "encode", lambda self, data, *a, **k: coded.append(len(data)) or real(self, data, *a, **k))
     size = 4096
     rng = np.random.default_rng(0)
-    n = 5 * size if kind == "small-random" else 100 * size + 7
+    n = 5 * size if kind.startswith("small") else 100 * size + 7
     data = rng.integers(0, 256, n, dtype=np.uint8)
     if kind == "random-then-zeros":
         data[n // 2:] = 0
+    if kind == "small-zeros":
+        data[:] = 0
+    whole = b"".join(zstd.encode(memoryview(data), size, level=3))
+    coded = []  # the chunks each call codes
+    real = type(zstd).encode
+    monkeypatch.setattr(type(zstd), "encode", lambda self, d, cs, chunks=None, **k: coded.append(chunks) or real(self, d, cs, chunks, **k))
     buf = io.BytesIO()
     part, stored, _ = _encode_part("w", "data", "w", torch.from_numpy(data), _Coding("zstd", size, {"level": 3}), _DataWriter(buf))
-    if part.codec == "raw":
-        assert buf.getvalue() == data.tobytes()
+    sample = [0, 14, 28, 42, 57, 71, 85, 100]  # 8 of 101 chunks, the first and the last among them
     if kind == "random":
-        assert (part.codec, stored, coded) == ("raw", n, [8 * size - size + 7])  # the sample only (its last chunk: 7 bytes)
+        assert (part.codec, stored, coded) == ("raw", n, [sample])
     elif kind == "random-then-zeros":
-        assert part.codec == "zstd" and stored < 0.6 * n and coded == [8 * size - size + 7, n]
+        assert part.codec == "zstd" and stored < 0.6 * n
+        assert coded == [sample, [i for i in range(101) if i not in sample]]
+    elif kind == "small-random":
+        assert (part.codec, stored, coded) == ("raw", n, [[0, 4]])
     else:
-        assert (part.codec, stored, coded) == ("raw", n, [n])
+        assert part.codec == "zstd" and coded == [[0, 4], [1, 2, 3]]
+    assert buf.getvalue() == (data.tobytes() if part.codec == "raw" else whole)
+
+
+@pytest.mark.parametrize("quant", ["lossless", "int4"])
+def test_conversion_runs_on_one_torch_thread_but_a_search(quant, tiny_llama, tmp_path, monkeypatch):
+    """The converter's own passes and a one-pass scheme's quantize run on one torch thread (beside the
+    codec's threads); a searching scheme's quantize (int4) on the caller's; the caller's count is restored,
+    also after a failure."""
+    from codecllm.schemes import get_scheme
+
+    cls = type(get_scheme(quant))
+    seen = []
+    real = cls.quantize
+    monkeypatch.setattr(cls, "quantize", lambda self, *a, **k: seen.append(torch.get_num_threads()) or real(self, *a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        codecllm.convert(tiny_llama, tmp_path / "m.cllm", quant=quant, quantize_all=True)
+        assert seen and set(seen) == {2 if quant == "int4" else 1}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(cls, "quantize", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            codecllm.convert(tiny_llama, tmp_path / "n.cllm", quant=quant, quantize_all=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_failed_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):

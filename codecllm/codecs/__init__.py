@@ -41,7 +41,9 @@ class Codec:
     def check_chunk_size(self, chunk_size: Any) -> int:
         raise NotImplementedError
 
-    def encode(self, data: memoryview, chunk_size: int, **options: Any) -> list[bytes]:
+    def encode(self, data: memoryview, chunk_size: int, chunks: list[int] | None = None, **options: Any) -> list[bytes]:
+        """The stored pieces of ``data``; for a chunked codec, those of the chunks ``chunks`` (indexes into
+        ``data``'s chunks of ``chunk_size`` bytes, in that order; every chunk if None), one per chunk."""
         raise NotImplementedError
 
 

@@ -82,6 +82,7 @@ class Int4(Scheme):
     # -- the math --
 
     weighs_inputs = True
+    parallel_quantize = True
 
     def finer(self):
         return Int4(self.group_size // 2, self.transpose) if self.group_size // 2 in GROUP_SIZES else self

@@ -56,6 +56,10 @@ class Int8(Scheme):
     def weighs_inputs(self):  # per row, max|w| leaves no choice
         return self.group_size is not None
 
+    @property
+    def parallel_quantize(self):  # groups: a search per group; per row: one pass
+        return self.group_size is not None
+
     def stand_in(self, module, backend, exact=True, dtype=None):
         if self.group_size and backend.startswith("cuda"):  # the CUDA kernels take one scale per row
             return None
