@@ -111,7 +111,7 @@ PROBE_CHUNKS = 8  # at most this many chunks, evenly spaced, are coded first to 
 def _encode_sampled(raw: np.ndarray, codec, coding: "_Coding") -> list | None:
     """``raw`` coded chunk by chunk, or None where a sample shows that coding saves nothing. The sample:
     ``min(PROBE_CHUNKS, max(2, chunks // 4))`` evenly spaced chunks, the first and the last among them
-    (every chunk of a part of one or two), coded first; where they come out no smaller the part is taken
+    (every chunk of a part of one or two; two of 3-11; eight from 32), coded first; where they come out no smaller the part is taken
     as incompressible and stored raw without coding the rest (the sign and mantissa bytes of bfloat16
     weights and the low bytes of float16 ones, which zstd stores raw anyway: on SmolLM2 they cost more
     zstd time than the bytes that compress). Otherwise the other chunks are coded and the sample's frames
@@ -119,6 +119,8 @@ def _encode_sampled(raw: np.ndarray, codec, coding: "_Coding") -> list | None:
     stored raw too."""
     bounds = chunk_bounds(len(raw), coding.chunk_size)
     n = len(bounds)
+    if not n:  # an empty part: nothing to code
+        return None
     k = min(n, PROBE_CHUNKS, max(2, n // 4))
     picked = sorted({j * (n - 1) // (k - 1) for j in range(k)}) if k > 1 else [0]
     data = memoryview(raw)

@@ -102,7 +102,8 @@ def timed_convert(src: Path, out: Path, runs: int) -> tuple[float, float]:
 
 def all_cores_convert_s(src: Path, out: Path) -> tuple[float, float]:
     """(wall, CPU) seconds of ``codecllm.convert`` as a user runs it, on every core (the default codec pool
-    and torch threads), best of two; one thread's setting is restored after."""
+    and torch's default thread count, which ``convert`` itself lowers to one outside a searching
+    quantizer), best of two; one thread's setting is restored after."""
     pool, threads = codecs._shared_pool, torch.get_num_threads()
     codecs._shared_pool = None
     torch.set_num_threads(USER_THREADS)

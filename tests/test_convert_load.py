@@ -226,7 +226,7 @@ def test_entropy_bound_of_a_large_part_from_its_sample():
     assert _entropy_bytes(big) == pytest.approx(full(big), rel=2e-2)
 
 
-@pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random", "small-zeros"])
+@pytest.mark.parametrize("kind", ["random", "random-then-zeros", "small-random", "small-zeros", "empty"])
 def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
     """A part is coded first on a few evenly spaced chunks (8 of a large part, 2 of a part of 5): random
     bytes are stored raw without coding the rest; where the sample compresses, the other chunks are coded
@@ -242,7 +242,7 @@ def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
     zstd = get_codec("zstd")
     size = 4096
     rng = np.random.default_rng(0)
-    n = 5 * size if kind.startswith("small") else 100 * size + 7
+    n = 5 * size if kind.startswith("small") else 0 if kind == "empty" else 100 * size + 7
     data = rng.integers(0, 256, n, dtype=np.uint8)
     if kind == "random-then-zeros":
         data[n // 2:] = 0
@@ -262,31 +262,37 @@ def test_incompressible_parts_are_judged_on_a_sample(kind, monkeypatch):
         assert coded == [sample, [i for i in range(101) if i not in sample]]
     elif kind == "small-random":
         assert (part.codec, stored, coded) == ("raw", n, [[0, 4]])
+    elif kind == "empty":
+        assert (part.codec, stored, coded) == ("raw", 0, [])
     else:
         assert part.codec == "zstd" and coded == [[0, 4], [1, 2, 3]]
     assert buf.getvalue() == (data.tobytes() if part.codec == "raw" else whole)
 
 
-@pytest.mark.parametrize("quant", ["lossless", "int4"])
-def test_conversion_runs_on_one_torch_thread_but_a_search(quant, tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant, group_size, searches", [("lossless", None, False), ("int8", None, True), ("int8", 64, True),
+                                                       ("int4", 64, True)])
+def test_conversion_runs_on_one_torch_thread_but_a_search(quant, group_size, searches, tiny_llama, tmp_path, monkeypatch):
     """The converter's own passes and a one-pass scheme's quantize run on one torch thread (beside the
-    codec's threads); a searching scheme's quantize (int4) on the caller's; the caller's count is restored,
-    also after a failure."""
+    codec's threads); a searching or arithmetic-heavy quantize (int4, int8) on the caller's; the caller's
+    count is restored, also after a failure."""
+    import codecllm.converter as conv
     from codecllm.schemes import get_scheme
 
     cls = type(get_scheme(quant))
-    seen = []
-    real = cls.quantize
+    seen, parts = [], []
+    real, real_part = cls.quantize, conv._encode_part
     monkeypatch.setattr(cls, "quantize", lambda self, *a, **k: seen.append(torch.get_num_threads()) or real(self, *a, **k))
+    monkeypatch.setattr(conv, "_encode_part", lambda *a, **k: parts.append(torch.get_num_threads()) or real_part(*a, **k))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        codecllm.convert(tiny_llama, tmp_path / "m.cllm", quant=quant, quantize_all=True)
-        assert seen and set(seen) == {2 if quant == "int4" else 1}
+        codecllm.convert(tiny_llama, tmp_path / "m.cllm", quant=quant, group_size=group_size, quantize_all=True)
+        assert seen and set(seen) == {2 if searches else 1}
+        assert parts and set(parts) == {1}
         assert torch.get_num_threads() == 2
         monkeypatch.setattr(cls, "quantize", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            codecllm.convert(tiny_llama, tmp_path / "n.cllm", quant=quant, quantize_all=True)
+            codecllm.convert(tiny_llama, tmp_path / "n.cllm", quant=quant, group_size=group_size, quantize_all=True)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

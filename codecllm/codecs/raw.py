@@ -14,7 +14,9 @@ class Raw(Codec):
     id = "raw"
     chunked = False
 
-    def encode(self, data: memoryview, chunk_size: int, **options) -> list[bytes]:
+    def encode(self, data: memoryview, chunk_size: int, chunks: list[int] | None = None, **options) -> list[bytes]:
+        if chunks is not None:
+            raise ValueError("the raw codec has no chunks")
         return [bytes(data)]
 
 

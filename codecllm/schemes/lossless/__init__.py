@@ -111,7 +111,9 @@ register_module(Lossless, nn.Linear, "cuda-stream-ans", "codecllm.schemes.lossle
 # step runs vectorised on operands in the CPU's cache (over whole tensors each step was a pass through
 # memory, and strided byte views run ten times slower than contiguous words). Blocks of 2^18 weights
 # (2-core x86 machine, 46M bf16 weights): split as fast as 2^16's on one torch thread and 1.4x faster on two,
-# join 1.25x faster on one and 1.8x on two (torch splits larger operands over its threads).
+# join 1.25x faster on one and 1.8x on two (torch splits larger operands over its threads). The converter
+# splits on one torch thread (its codec threads use the other cores: ``converter.convert``); a load joins
+# on the user's.
 BLOCK = 1 << 18  # weights (even)
 
 
