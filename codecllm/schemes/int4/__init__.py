@@ -152,8 +152,8 @@ def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None =
 
     weighted = importance is not None or pad
 
-    def codes(s, z):
-        return torch.addcdiv(z[..., None], g, s[..., None]).round_().clamp_(0, QMAX)
+    def codes(s, z):  # w / s + z rounded (a division, then an addition; addcdiv's broadcast runs 3x slower)
+        return g.div(s[..., None]).add_(z[..., None]).round_().clamp_(0, QMAX)
 
     def assign(s, z):
         """(scale, zero) as the file stores them, and each group's weighted squared error with them."""
@@ -168,11 +168,14 @@ def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None =
         cand = assign(*fit(lo0 * a, hi0 * a))
         best = cand if best is None else keep_lower_error(best, cand)
     n = om.sum(-1, keepdim=True)
+    wm = (om * g).sum(-1, keepdim=True) / n
+    gc = g - wm
     for _ in range(REFITS):  # least squares of w ~ s * q + c over each group, given its codes
         q = codes(best[0], best[1])
-        qm, wm = (om * q).sum(-1, keepdim=True) / n, (om * g).sum(-1, keepdim=True) / n
-        var = (om * (q - qm) ** 2).sum(-1)
-        s = torch.maximum(torch.where(var > 0, (om * (q - qm) * (g - wm)).sum(-1) / var.clamp_min(1e-12), best[0]), floor)
+        qm = (om * q).sum(-1, keepdim=True) / n
+        qc = q.sub_(qm)
+        var = (om * qc ** 2).sum(-1)
+        s = torch.maximum(torch.where(var > 0, (om * qc * gc).sum(-1) / var.clamp_min(1e-12), best[0]), floor)
         z = qm[..., 0] - wm[..., 0] / s
         best = keep_lower_error(best, assign(s, z))
     s, z, _ = best
