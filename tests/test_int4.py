@@ -115,7 +115,7 @@ def test_model_end_to_end(tiny_llama, tmp_path):
 
 
 def test_constants_are_what_the_docstring_says():
-    assert (int4.CLIP_GRID, int4.CLIP_MIN, int4.REFITS, int4.GROUP_SIZES) == (12, 0.7, 2, (32, 64, 128))
+    assert (int4.CLIP_GRID, int4.CLIP_MIN, int4.REFITS, int4.GROUP_SIZES) == (8, 0.7, 2, (32, 64, 128))
 
 
 def test_quant_overrides(tiny_llama, tmp_path):

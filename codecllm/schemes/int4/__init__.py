@@ -6,7 +6,7 @@ Parts: ``qweight`` (U8, ``[out, in / 2]``: two codes per byte, the even column i
 one is not int4: ``applies_to``; the converter keeps it exact); one that is not a multiple of the group size ends in a shorter group,
 quantized over its own weights only.
 
-Quantization needs no data: per group, the min/max range is shrunk over a grid of clipping factors and
+Quantization needs no data: per group, the min/max range is shrunk over a grid of 8 clipping factors (1.0 down to 0.7) and
 the one with the least squared error kept, then scale and zero are refitted by least squares to the codes
 they give (twice, each kept only where it lowers the error). The squared error is weighted per input
 channel by the converter's data-free ``importance`` where it has one (``codecllm.importance``), plain
@@ -30,7 +30,7 @@ from .. import PartSpec, Scheme, keep_lower_error, register, register_module
 
 GROUP_SIZES = (32, 64, 128)
 QMAX = 15
-CLIP_GRID = 12  # clipping factors tried per group, from 1.0 down to CLIP_MIN
+CLIP_GRID = 8  # clipping factors tried per group, from 1.0 down to CLIP_MIN (12 cost 1.5x the time for no better model: benchmarks/NOTES.md)
 CLIP_MIN = 0.7
 REFITS = 2
 _BLOCK_ELEMENTS = 1 << 18  # weights quantized at a time: float32 work buffers of a few times this, kept in cache (1.5x faster than 1 << 21)
@@ -174,8 +174,8 @@ def _quantize_groups(w: torch.Tensor, gs: int, importance: torch.Tensor | None =
         q = codes(best[0], best[1])
         qm = (om * q).sum(-1, keepdim=True) / n
         qc = q.sub_(qm)
-        var = (om * qc ** 2).sum(-1)
-        s = torch.maximum(torch.where(var > 0, (om * qc * gc).sum(-1) / var.clamp_min(1e-12), best[0]), floor)
+        var = qc.square().mul_(om).sum(-1)
+        s = torch.maximum(torch.where(var > 0, qc.mul_(om).mul_(gc).sum(-1) / var.clamp_min(1e-12), best[0]), floor)
         z = qm[..., 0] - wm[..., 0] / s
         best = keep_lower_error(best, assign(s, z))
     s, z, _ = best
