@@ -18,7 +18,8 @@ rest, and a quantizer blind to them spends its range on the wrong weights. Witho
 Which norm feeds which Linear is found by running the model once on the meta device and watching which
 tensor object each Linear receives, so nothing is tied to module names. Any other Linear (attention
 output projections) and any model whose forward does not run on the meta device get no importance: plain
-squared error. On SmolLM2-135M at int4 g64 this takes mean KL from 0.387 to 0.273.
+squared error. On SmolLM2-135M at int4 g64 this took mean KL from 0.387 to 0.273 (12 clipping factors; with today's 8,
+0.252).
 """
 
 from __future__ import annotations

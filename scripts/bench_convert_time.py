@@ -32,18 +32,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="conversions per scheme, the schemes in turn; the fastest is reported")
     ap.add_argument("--out", default="benchmarks/results/convert_time_cpu.json")
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     torch.set_num_threads(args.threads)
     cfg = dict(L8X4, num_hidden_layers=args.layers, vocab_size=args.vocab)
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="codecllm-bench-") as tmp:
         src = write_checkpoint(Path(tmp, "src"), cfg)
-        runs = {spec: [] for spec in args.schemes.split(",")}
+        runs = {spec: [] for spec in dict.fromkeys(args.schemes.split(","))}  # (each scheme once)
         for _ in range(args.runs):  # the schemes in turn, so that a slow spell of the machine hits them alike
             for spec in runs:
                 scheme = parse_scheme(spec)
                 t = time.perf_counter()
                 codecllm.convert(src, Path(tmp, "out.cllm"), quant=scheme.id, group_size=scheme.params.get("group_size"), force=True)
                 runs[spec].append(time.perf_counter() - t)
+                print(f"  {spec}: {runs[spec][-1]:.1f} s", file=sys.stderr, flush=True)
         first = next(iter(runs))
         for spec, ts in runs.items():
             seconds[spec] = min(ts)
