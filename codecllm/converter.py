@@ -122,7 +122,7 @@ def _encode_sampled(raw: np.ndarray, codec, coding: "_Coding") -> list | None:
     if not n:  # an empty part: nothing to code
         return None
     k = min(n, PROBE_CHUNKS, max(2, n // 4))
-    picked = sorted({j * (n - 1) // (k - 1) for j in range(k)}) if k > 1 else [0]
+    picked = [j * (n - 1) // (k - 1) for j in range(k)] if k > 1 else [0]  # (increasing: k <= n)
     data = memoryview(raw)
     frames = codec.encode(data, coding.chunk_size, chunks=picked, **coding.options)
     if sum(len(f) for f in frames) >= sum(bounds[i][1] - bounds[i][0] for i in picked):
@@ -148,7 +148,7 @@ def _entropy_bytes(data: np.ndarray) -> float:
     c = counts[counts > 0].astype(np.float64)
     bits = len(t) * np.log2(len(t)) - float((c * np.log2(c)).sum())  # -sum(c log2(c / n))
     if len(t) < len(data):  # a sample's count underestimates: Miller and Madow's first-order correction
-        bits += (len(c) - 1) / (2 * np.log(2))
+        bits += (len(c) - 1) / (2 * np.log(2))  # (SmolLM2's planes: 1.0e-4 below the full count without it)
     return bits * len(data) / len(t) / 8
 
 
@@ -212,9 +212,10 @@ def _digest(pieces) -> str:
 
 def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme, coding: _Coding, writer: _DataWriter,
                    importance: torch.Tensor | None = None, threads: int = 1) -> tuple[Record, TensorSummary]:
-    _torch_threads(threads if scheme.parallel_quantize else 1)
-    parts = scheme.quantize(w, importance)
-    _torch_threads(1)
+    """One tensor's record: ``scheme``'s parts, each stored (``_encode_part``). ``threads``: torch's thread
+    count for a ``parallel_quantize`` scheme's quantize (the rest of a conversion runs on one)."""
+    with _torch_threads(threads if scheme.parallel_quantize else 1):
+        parts = scheme.quantize(w, importance)
     layout = scheme.layout(dtype_name(w.dtype), tuple(w.shape))
     rec = Record(name, dtype_name(w.dtype), tuple(w.shape), scheme, {})
     out = entropy = 0.0
@@ -234,18 +235,17 @@ def _encode_record(w: torch.Tensor, name: str, stored_name: str, scheme: Scheme,
     return rec, summary
 
 
-def _torch_threads(n: int) -> None:
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 @contextlib.contextmanager
-def _one_torch_thread(threads: int):
-    _torch_threads(1)
+def _torch_threads(n: int):
+    """torch on ``n`` intra-op threads inside the block; the count before it restored after."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        _torch_threads(threads)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def check_options(quant: str, codec: str, chunk_size: int, level: int | None, group_size: int | None = None) -> tuple[Scheme, _Coding]:
@@ -360,7 +360,7 @@ def convert(
     # take the cores the codec's threads code on (SmolLM2 lossless: 1.7 against 1.2 CPU-seconds, and slower):
     # one torch thread, but for a scheme's quantize that searches (``parallel_quantize``); restored after
     threads = torch.get_num_threads()
-    with AtomicOutput(out, force) as output, _one_torch_thread(threads):
+    with AtomicOutput(out, force) as output, _torch_threads(1):
         with output.temp("data", reserve) as data_file:
             writer = _DataWriter(data_file)
             for fname, fpath in embedded.items():

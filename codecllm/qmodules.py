@@ -14,7 +14,6 @@ model computes; ``codecllm.gpu.stream`` does the same on CUDA.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from contextlib import contextmanager
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import codecs
 from .codecs import checked_chunk_decoder, chunk_bounds, decode_cpu, get_codec
 from .errors import DecodeError, DeviceError
 from .dtypes import torch_dtype
@@ -281,10 +281,7 @@ class CpuPipeline:
 
     @staticmethod
     def cores() -> int:
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return codecs.cores()
 
     @classmethod
     def slots(cls) -> int:

@@ -39,7 +39,7 @@ def main() -> None:
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="codecllm-bench-") as tmp:
         src = write_checkpoint(Path(tmp, "src"), cfg)
-        runs = {spec: [] for spec in dict.fromkeys(args.schemes.split(","))}  # (each scheme once)
+        runs = {spec: [] for spec in args.schemes.split(",")}  # (each scheme once)
         for _ in range(args.runs):  # the schemes in turn, so that a slow spell of the machine hits them alike
             for spec in runs:
                 scheme = parse_scheme(spec)

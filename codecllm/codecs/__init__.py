@@ -10,6 +10,7 @@ codec id (``register_decoder``): the CPU decoders live beside their codec, the C
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -112,11 +113,21 @@ def num_chunks(nbytes: int, chunk_size: int) -> int:
 _shared_pool: ThreadPoolExecutor | None = None
 
 
+@functools.cache
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one, as under taskset or a
+    container's cpuset), counted once."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def shared_pool() -> ThreadPoolExecutor:
     """A process-wide pool for chunk work (zstandard releases the GIL while it works)."""
     global _shared_pool
     if _shared_pool is None:
-        _shared_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        _shared_pool = ThreadPoolExecutor(max_workers=cores())
     return _shared_pool
 
 

@@ -4,16 +4,14 @@ with nvCOMP's batched Zstd (``codecllm.gpu.decoders``)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
-import os
 import threading
 from concurrent.futures import wait
 
 import numpy as np
 
 from ..errors import CodecLLMError, DecodeError
-from . import Codec, chunk_bounds, register, register_decoder, shared_pool
+from . import Codec, chunk_bounds, cores, register, register_decoder, shared_pool
 
 MIN_CHUNK_SIZE = 4 * 1024
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
@@ -50,8 +48,8 @@ class Zstd(Codec):
         # runs of consecutive chunks, a few per core, taken in turn by this thread and by helpers on the shared
         # pool (a future per 64 KiB chunk cost the calling thread about 0.2 s of a 1.8 s lossless conversion of
         # 438 MB; this thread only waiting left a core idle where the pool was busy hashing)
-        cores = _cores()
-        per = max(1, len(bounds) // (4 * cores))
+        threads = cores()
+        per = max(1, len(bounds) // (4 * threads))
         runs = [bounds[i:i + per] for i in range(0, len(bounds), per)]
         frames: list[list[bytes]] = [[] for _ in runs]
         order = itertools.count()  # next() on it is atomic: each run is coded once
@@ -67,7 +65,7 @@ class Zstd(Codec):
                 raise
 
         # this thread and cores - 1 helpers: one coding thread per core
-        helpers = [shared_pool().submit(work) for _ in range(min(cores - 1, len(runs) - 1))]
+        helpers = [shared_pool().submit(work) for _ in range(min(threads - 1, len(runs) - 1))]
         try:
             work()
         finally:
@@ -78,11 +76,6 @@ class Zstd(Codec):
         for h in running:
             h.result()  # a helper's error
         return [frame for run in frames for frame in run]
-
-
-@functools.cache
-def _cores() -> int:
-    return os.cpu_count() or 1  # (about 14 us a call: once per part otherwise)
 
 
 def _compressor(level: int):
@@ -160,7 +153,7 @@ def _decode(payload: memoryview, chunk_sizes: list[int], chunk_size: int, out: n
         for i in range(lo, hi):
             decode_frame(payload[starts[i]:starts[i + 1]], dst[bounds[i][0]:bounds[i][1]], i)
 
-    parts = min(_cores() - torch.get_num_threads() + 1, len(bounds) // 2)
+    parts = min(cores() - torch.get_num_threads() + 1, len(bounds) // 2)
     if parts <= 1:
         run(0, len(bounds))
         return

@@ -37,8 +37,9 @@ class Scheme:
     lossless: ClassVar[bool] = False
     default: ClassVar[bool] = False  # the converter's default scheme (exactly one registered scheme says so)
     weighs_inputs: ClassVar[bool] = False  # whether quantize() uses an importance (the converter estimates one only then)
-    # whether quantize() does enough arithmetic per weight for torch's threads to pay (a search); the converter
-    # runs every other step on one torch thread, beside the codec's own threads
+    # whether quantize() does enough arithmetic per weight for torch's threads to pay (a search, or float32
+    # passes over large blocks); the converter runs every other step on one torch thread, beside the codec's
+    # own threads
     parallel_quantize: ClassVar[bool] = False
     main_part: ClassVar[str] = "data"
     # whether ``dequantize`` builds a new tensor that keeps none of the parts (a loader may then decode them
